@@ -1,0 +1,47 @@
+"""Fixed-length training samples cut from one stream of documents joined by EOD.
+
+Sample ``i`` holds tokens ``[i*s, (i+1)*s]`` (``s+1`` tokens: inputs and shifted labels). This is
+the simple source used before indexed datasets exist; ``megatron_longctx.data.gpt_dataset``
+builds document-aware samples from Megatron ``.bin/.idx`` data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_longctx.data.byte_tokenizer import ByteTokenizer
+from megatron_longctx.data.stdlib_corpus import stdlib_documents
+
+
+def stdlib_token_stream(tokenizer: ByteTokenizer | None = None, max_docs: int | None = None
+                        ) -> np.ndarray:
+    tokenizer = tokenizer or ByteTokenizer()
+    parts = []
+    for text in stdlib_documents(max_docs=max_docs):
+        parts.append(tokenizer.tokenize_array(text))
+        parts.append(np.array([tokenizer.eod], dtype=np.int32))
+    return np.concatenate(parts)
+
+
+class TokenStreamDataset(torch.utils.data.Dataset):
+    def __init__(self, tokens: np.ndarray, seq_length: int):
+        self.tokens = tokens
+        self.seq_length = seq_length
+        self.num_samples = (len(tokens) - 1) // seq_length
+        if self.num_samples < 1:
+            raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one sample "
+                             f"of --seq-length {seq_length}")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        start = (idx % self.num_samples) * self.seq_length
+        chunk = torch.from_numpy(self.tokens[start:start + self.seq_length + 1].astype(np.int64))
+        return {
+            "tokens": chunk[:-1],
+            "labels": chunk[1:],
+            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
+            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
+        }

@@ -1,0 +1,68 @@
+"""Our core attention: rotary from explicit positions, then causal (GQA) attention.
+
+megatron-core's ``Attention`` applies rotary with its own function from a ``[s, 1, 1, d]``
+angle tensor: no per-head bases, no per-token attention factor, and cos/sin recomputed in every
+layer. We therefore hand it no rotary at all and apply ours here, at the top of the core
+attention (after the QKV projection has split heads across TP ranks). The per-batch tables ride
+in :class:`AttentionContext`, the ``packed_seq_params`` object megatron-core forwards untouched
+from ``GPTModel.forward`` to every core attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_longctx.rope.apply import RotaryTables, apply_rotary
+
+
+@dataclass
+class AttentionContext(PackedSeqParams):
+    """Per-micro-batch attention inputs: rotary tables (and, later, document boundaries)."""
+
+    rotary: RotaryTables | None = None
+
+
+class CoreAttention(MegatronModule):
+    """``query [s, b, np, hn]``, ``key/value [s, b, ng, hn]`` -> ``[s, b, np * hn]``.
+
+    Uses torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the
+    device has them; never materialises an ``s x s`` mask for causal attention).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError("context parallelism needs the CP core attention")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.interleaved = config.rotary_interleaved
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> Tensor:
+        rotary = getattr(packed_seq_params, "rotary", None)
+        if rotary is not None:
+            query = apply_rotary(query, rotary.cos_q, rotary.sin_q, self.interleaved)
+            key = apply_rotary(key, rotary.cos_k, rotary.sin_k, self.interleaved)
+        s, b, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )  # [b, np, s, hn]
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)

@@ -1,0 +1,112 @@
+"""``LongContextGPTModel``: megatron-core's ``GPTModel`` with our rotary module.
+
+``GPTModel`` hard-codes its rotary choice; we build it with ``position_embedding_type='none'``
+and compute rotary tables ourselves from explicit ``position_ids [b, s]`` once per forward,
+handing them to every layer's core attention through :class:`AttentionContext`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from megatron_longctx.config import ModelConfig, ParallelConfig
+from megatron_longctx.model.attention import AttentionContext
+from megatron_longctx.model.layer_spec import llama_block_spec
+from megatron_longctx.rope import RotaryEmbedding
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
+                       ) -> TransformerConfig:
+    """Translate our model config into megatron-core's ``TransformerConfig`` (Llama choices)."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        rotary_interleaved=model.rotary_interleaved,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # weights are drawn on the CPU as full matrices and then split, so every TP/PP layout
+        # starts from the same weights; kernels that only exist on GPUs are off
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Pad to a multiple of ``divisible_by`` (then of ``tp`` if that does not split evenly).
+
+    Megatron-LM pads to a multiple of ``divisible_by * tp``, so its output layer changes with
+    the TP size; ours stays the same for every power-of-two TP, so checkpoints and losses are
+    layout-independent.
+    """
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    return -(-padded // tp) * tp
+
+
+class LongContextGPTModel(GPTModel):
+    def __init__(self, config: TransformerConfig, model: ModelConfig, vocab_size: int,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=llama_block_spec(config),
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+            position_embedding_type="none",
+        )
+        self.rotary = RotaryEmbedding(
+            model.rope_parameters, model.head_dim, model.num_attention_heads, model.query_groups,
+            rotary_percent=model.rotary_percent, rotary_interleaved=model.rotary_interleaved,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        )
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, **kwargs) -> Tensor:
+        """input_ids, position_ids, labels: ``[b, s]``. Returns per-token loss ``[b, s]`` when
+        labels are given, else logits ``[b, s, vocab / tp]``."""
+        tables = self.rotary(position_ids, dtype=self.config.params_dtype)
+        context = AttentionContext(qkv_format="sbhd", rotary=tables)
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels,
+                               packed_seq_params=context, **kwargs)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
+                ) -> LongContextGPTModel:
+    """This rank's stage of the model (call after ``initialize_model_parallel``)."""
+    config = transformer_config(model, parallel, bf16)
+    vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
+    return LongContextGPTModel(
+        config, model, vocab,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )

@@ -1,0 +1,91 @@
+"""Between full (TP=1, PP=1) tensors and this rank's shards.
+
+Used to start any parallel layout from the same weights (parity tests, HF conversion) and to
+gather sharded tensors (weights or grads) back to their full form. Names are the full model's
+``state_dict`` names (``decoder.layers.{global_index}...``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from megatron.core import parallel_state
+from torch import Tensor
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _global_name(model: torch.nn.Module, local_name: str) -> str:
+    match = _LAYER.match(local_name)
+    if not match:
+        return local_name
+    layer = model.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
+
+
+def _is_glu_fc1(model: torch.nn.Module, name: str) -> bool:
+    # megatron-core lays out the SwiGLU input projection as [gate; up] per TP rank, so a rank's
+    # shard is [gate_r; up_r], not a contiguous slice of the full [gate; up]
+    return name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
+
+
+def local_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters keyed by their full-model names."""
+    return {_global_name(model, n): p for n, p in model.named_parameters()}
+
+
+def shard(model: torch.nn.Module, name: str, full: Tensor, param: Tensor) -> Tensor:
+    """The slice of ``full`` that this TP rank holds for ``param``."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if _is_glu_fc1(model, name):
+        return torch.cat([part.chunk(size, dim=dim)[rank] for part in full.chunk(2, dim=dim)],
+                         dim=dim)
+    if full.shape[dim] != param.shape[dim] * size:  # e.g. an unpadded vocab
+        pad = list(full.shape)
+        pad[dim] = param.shape[dim] * size - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    return full.chunk(size, dim=dim)[rank]
+
+
+def gather(model: torch.nn.Module, name: str, local: Tensor, param: Tensor) -> Tensor:
+    """All-gather a TP-sharded ``local`` tensor shaped like ``param`` into its full form."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return local
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    if size == 1:
+        return local
+    dim = param.partition_dim
+    parts = [torch.empty_like(local) for _ in range(size)]
+    torch.distributed.all_gather(parts, local.contiguous(),
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    if _is_glu_fc1(model, name):
+        gates, ups = zip(*(p.chunk(2, dim=dim) for p in parts))
+        return torch.cat(list(gates) + list(ups), dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: torch.nn.Module, full: dict[str, Tensor]) -> None:
+    """Copy full tensors into this rank's shards; every local parameter must be present."""
+    params = local_parameters(model)
+    missing = sorted(set(params) - set(full))
+    if missing:
+        raise KeyError(f"full state dict lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, param in params.items():
+        param.copy_(shard(model, name, full[name].to(param.dtype), param))
+
+
+def full_tensors(model: torch.nn.Module, tensors: dict[str, Tensor] | None = None
+                 ) -> dict[str, Tensor]:
+    """Full (TP-gathered) tensors of this pipeline stage; default: the parameters themselves.
+
+    ``tensors`` maps full-model names to local tensors shaped like the parameters (e.g. grads).
+    """
+    params = local_parameters(model)
+    tensors = tensors if tensors is not None else {n: p.detach() for n, p in params.items()}
+    return {n: gather(model, n, t, params[n]) for n, t in tensors.items()}

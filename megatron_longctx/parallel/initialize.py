@@ -1,0 +1,144 @@
+"""Process groups from torchrun or Slurm, and megatron-core's model-parallel groups.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
+``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and ``SLURM_JOB_NODELIST``
+(the first host becomes the rendezvous address). Without either, this is a single process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_longctx.config import ParallelConfig
+from megatron_longctx.parallel.cpu_adapter import adapt_megatron_core_for_cpu
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def distributed_env(environ: Mapping[str, str] = os.environ) -> DistributedEnv:
+    """Read the launcher's environment: torchrun first, then Slurm, else a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistributedEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1")
+        return DistributedEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
+            master_port=int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+            launcher="slurm",
+        )
+    return DistributedEnv(0, 1, 0, environ.get("MASTER_ADDR", "127.0.0.1"),
+                          int(environ.get("MASTER_PORT", _free_port())), "single")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30) -> DistributedEnv:
+    """Start ``torch.distributed``: NCCL on GPUs, gloo on CPU. Idempotent."""
+    env = env or distributed_env()
+    if dist.is_initialized():
+        return env
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        backend = "gloo"
+    adapt_megatron_core_for_cpu()
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    logger.info("rank %d/%d up (%s, %s)", env.rank, env.world_size, backend, env.launcher)
+    return env
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """Create megatron-core's TP/PP/CP/DP groups and seed every RNG.
+
+    Call after validating the layout (``RunConfig.validate``); idempotent per layout.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy, torch and megatron-core's tensor-parallel RNG tracker.
+
+    On CPU the tracker's "CUDA" generator is the CPU one (see ``cpu_adapter``).
+    """
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

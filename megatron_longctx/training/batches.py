@@ -1,0 +1,45 @@
+"""Which samples each rank sees: deterministic in (seed, step), independent of the layout.
+
+Global batch ``t`` is ``G`` consecutive entries of a seeded permutation of the dataset; DP rank
+``r`` takes its contiguous ``G / dp`` slice, cut into micro-batches. Any DP size therefore trains
+on exactly the same global batches, which is what makes layouts comparable and resumable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class GlobalBatchSampler:
+    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.shuffle = shuffle
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        start = step * self.global_batch_size
+        idx = np.arange(start, start + self.global_batch_size)
+        epochs, offsets = np.divmod(idx, self.num_samples)
+        orders = {e: self._epoch_order(int(e)) for e in np.unique(epochs)}
+        return np.array([orders[e][o] for e, o in zip(epochs, offsets)])
+
+    def micro_batches(self, step: int) -> list[np.ndarray]:
+        local = self.global_batch_size // self.dp_size
+        mine = self.global_batch(step)[self.dp_rank * local:(self.dp_rank + 1) * local]
+        return [mine[i:i + self.micro_batch_size] for i in range(0, local, self.micro_batch_size)]
+
+
+def collate(dataset, indices) -> dict[str, torch.Tensor]:
+    samples = [dataset[int(i)] for i in indices]
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -1,0 +1,89 @@
+"""Start a run from a config: validate, set up parallel groups, data, model; then train."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from megatron_longctx.config import RunConfig
+from megatron_longctx.data.byte_tokenizer import ByteTokenizer
+from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.parallel.initialize import (
+    distributed_env,
+    init_process_group,
+    initialize_model_parallel,
+)
+
+logger = logging.getLogger("megatron_longctx")
+
+
+def build_dataset(cfg: RunConfig):
+    tokenizer = ByteTokenizer()
+    cfg.model.vocab_size = tokenizer.vocab_size
+    path = cfg.data.data_path
+    tokens = stdlib_token_stream(tokenizer) if path == "stdlib" else np.load(path)
+    return TokenStreamDataset(tokens, cfg.training.seq_length)
+
+
+def _git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def describe(cfg: RunConfig, model, world_size: int) -> dict:
+    params_local = sum(p.numel() for p in model.parameters())
+    totals = {"parameters_this_rank": params_local}
+    # weights + fp32 grads + Adam moments (+ fp32 main weights with bf16), per rank
+    bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + 8 + (4 if cfg.training.bf16 else 0)
+    if cfg.parallel.use_distributed_optimizer:
+        dp = cfg.parallel.data_parallel_size(world_size)
+        bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + (12 if cfg.training.bf16 else 8) / dp
+    totals["model_and_optimizer_gib_this_rank"] = round(params_local * bytes_per_param / 2**30, 4)
+    return totals
+
+
+def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    env = distributed_env()
+    try:
+        cfg.validate(env.world_size)  # before any process group, data or model work
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    init_process_group(env)
+    initialize_model_parallel(cfg.parallel, cfg.training.seed)
+    dataset = build_dataset(cfg)
+    from megatron_longctx.training.trainer import Trainer
+
+    trainer = Trainer(cfg, dataset)
+    is_last = dist.get_rank() == dist.get_world_size() - 1
+    if is_last:
+        logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        logger.info("model: %s", json.dumps(describe(cfg, trainer.model, env.world_size)))
+    if dry_run:
+        return []
+    if cfg.training.save and dist.get_rank() == 0:
+        os.makedirs(cfg.training.save, exist_ok=True)
+        with open(os.path.join(cfg.training.save, "run.yaml"), "w") as f:
+            yaml.safe_dump({"config": cfg.to_dict(), "git_revision": _git_revision(),
+                            "command": sys.argv}, f, sort_keys=False)
+
+    def log(step: int, metrics: dict) -> None:
+        if is_last:
+            tqdm.write(
+                f"{time.strftime('%H:%M:%S')} step {step} | loss {metrics['loss']:.4f} | "
+                f"lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | "
+                f"{metrics['tokens_per_s']:.0f} tokens/s")
+
+    return trainer.train(on_log=log)

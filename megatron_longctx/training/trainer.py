@@ -1,0 +1,155 @@
+"""The training loop: megatron-core's DDP, optimizer and pipeline schedules around our model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from megatron_longctx.config import RunConfig
+from megatron_longctx.model import build_model
+from megatron_longctx.model.sharding import load_full_state_dict
+from megatron_longctx.training.batches import GlobalBatchSampler, collate
+from megatron_longctx.training.schedule import learning_rate
+
+logger = logging.getLogger(__name__)
+
+
+def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor):
+    """Sum of per-token losses over valid tokens, and their count.
+
+    Returning the count lets megatron-core normalise by the number of valid tokens of the whole
+    global batch (across micro-batches and DP/CP ranks), not by a per-micro-batch mean.
+    """
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output_tensor.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dataset, init_state_dict: dict[str, Tensor] | None = None):
+        self.cfg = cfg
+        t, p = cfg.training, cfg.parallel
+        self.dataset = dataset
+        self.model = build_model(cfg.model, p, t.bf16)
+        if init_state_dict is not None:
+            load_full_state_dict(self.model, init_state_dict)
+        config = self.model.config
+        config.calculate_per_token_loss = True
+        self.ddp = DistributedDataParallel(
+            config,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=p.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=config.params_dtype,
+                use_distributed_optimizer=p.use_distributed_optimizer,
+            ),
+            [self.ddp],
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.ddp.no_sync
+        self.sampler = GlobalBatchSampler(
+            len(dataset), t.global_batch_size, t.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(), seed=t.seed,
+        )
+        self.step = 0
+
+    # -- one step ---------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(masked_token_loss, batch["loss_mask"])
+
+    def forward_backward(self, step: int, forward_only: bool = False) -> float:
+        """Run all micro-batches of global batch ``step``; returns the mean token loss (all ranks).
+
+        Gradients are left in ``param.main_grad`` (DP-reduced, divided by the token count).
+        """
+        t = self.cfg.training
+        micro = [collate(self.dataset, idx) for idx in self.sampler.micro_batches(step)]
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(micro),
+            model=[self.ddp],
+            num_microbatches=len(micro),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+        return self._global_mean_loss(reports)
+
+    def _global_mean_loss(self, reports: list[dict]) -> float:
+        totals = torch.zeros(2, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage():
+            for report in reports:
+                totals += report["lm loss"].double()
+            dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
+                with_context_parallel=True))
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def current_lr(self, step: int) -> float:
+        t = self.cfg.training
+        return learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
+                             total_iters=t.train_iters, style=t.lr_decay_style)
+
+    def train_step(self) -> dict[str, float]:
+        lr = self.current_lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.forward_backward(self.step)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError(f"optimizer step {self.step} skipped (inf/NaN gradients)")
+        self.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0)}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, on_log: Callable[[int, dict[str, float]], None] | None = None
+              ) -> list[float]:
+        t = self.cfg.training
+        tokens_per_step = t.global_batch_size * t.seq_length
+        losses = []
+        show = dist.get_rank() == dist.get_world_size() - 1
+        start = time.perf_counter()
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.train_iters, initial=self.step, disable=not show, unit="step",
+                   dynamic_ncols=True)
+        while self.step < t.train_iters:
+            metrics = self.train_step()
+            losses.append(metrics["loss"])
+            elapsed = time.perf_counter() - start
+            metrics["tokens_per_s"] = tokens_per_step * len(losses) / elapsed
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if on_log and (self.step % t.log_interval == 0 or self.step in (1, t.train_iters)):
+                on_log(self.step, metrics)
+        bar.close()
+        return losses
