@@ -18,9 +18,10 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "psutil>=5.9",  # megatron-core's dist_checkpointing needs it
+        "matplotlib>=3.8",  # PNG plots of results (HARPE waveforms, eval curves)
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6"],
         "wandb": ["wandb>=0.17"],
         # Provided by NVIDIA NGC PyTorch images; building them needs CUDA toolchains.
         "gpu": ["transformer-engine>=1.9", "apex"],

@@ -9,14 +9,47 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import typing
 from typing import Any
 
 from megatron_longctx.config import RunConfig
 
-# flag -> rope_parameters key (HF names)
+
+
+def float_list(value: str) -> list[float]:
+    """A list of floats: ``"1.0,1.2,1.5"`` or a file holding a JSON list or whitespace/comma
+    separated numbers (LongRoPE factors are usually kept in files)."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            text = f.read().strip()
+        if text.startswith("["):
+            return [float(v) for v in json.loads(text)]
+        value = text.replace("\n", " ").replace(",", " ")
+        return [float(v) for v in value.split()]
+    return [float(v) for v in value.replace(",", " ").split()]
+
+
+# flag -> (rope_parameters key (HF names), type)
 ROPE_FLAGS = {
+    "rope_type": ("rope_type", str),
     "rotary_base": ("rope_theta", float),
+    "rope_factor": ("factor", float),
+    "original_max_position_embeddings": ("original_max_position_embeddings", int),
+    "rope_beta_fast": ("beta_fast", float),
+    "rope_beta_slow": ("beta_slow", float),
+    "rope_attention_factor": ("attention_factor", float),
+    "rope_low_freq_factor": ("low_freq_factor", float),
+    "rope_high_freq_factor": ("high_freq_factor", float),
+    "longrope_short_factor": ("short_factor", float_list),
+    "longrope_long_factor": ("long_factor", float_list),
+    "longrope_start_tokens": ("longrope_start_tokens", int),
+    "harpe_scheme": ("harpe_scheme", str),
+    "harpe_bases": ("harpe_bases", float_list),
+    "harpe_base_min": ("harpe_base_min", float),
+    "harpe_base_max": ("harpe_base_max", float),
+    "harpe_stride": ("harpe_stride", float),
 }
 
 
@@ -56,9 +89,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             else:
                 group.add_argument(_flag(f.name), dest=f.name, type=tp,
                                    help=f"(default: {default})")
-    rope = parser.add_argument_group("rope (HF rope_parameters)")
-    for flag, (_, tp) in ROPE_FLAGS.items():
-        rope.add_argument(_flag(flag), dest=flag, type=tp)
+    rope = parser.add_argument_group(
+        "rope", "RoPE method and parameters (HF rope_parameters; see megatron_longctx/rope)")
+    for flag, (key, tp) in ROPE_FLAGS.items():
+        rope.add_argument(_flag(flag), dest=flag, type=tp, help=f"rope_parameters['{key}']")
     parser.set_defaults(_sections=hints)
     return parser
 

@@ -69,6 +69,11 @@ class ModelConfig:
                 f"rotary dim head_dim*rotary_percent = {self.head_dim * self.rotary_percent} "
                 f"must be an even integer; change --rotary-percent."
             )
+        from megatron_longctx.rope import compute_inv_freq
+
+        compute_inv_freq(self.rope_parameters, self.head_dim, self.num_attention_heads,
+                         self.query_groups, self.rotary_percent,
+                         max_position_embeddings=self.max_position_embeddings)
 
 
 @dataclass

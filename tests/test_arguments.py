@@ -40,3 +40,25 @@ def test_pretrain_dry_run_reports_model_size():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"parameters_this_rank"' in proc.stderr and "num_layers: 3" in proc.stderr
+
+
+def test_rope_flags_fill_hf_rope_parameters(tmp_path):
+    factors = tmp_path / "long.txt"
+    factors.write_text("1.0 1.5\n2.0 2.5\n")
+    cfg, _ = parse_config(["--rope-type", "longrope", "--rotary-base", "10000",
+                           "--original-max-position-embeddings", "4096",
+                           "--longrope-short-factor", "1,1,1,1.5",
+                           "--longrope-long-factor", str(factors),
+                           "--longrope-start-tokens", "8", "--kv-channels", "8"])
+    assert cfg.model.rope_parameters == {
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+        "short_factor": [1.0, 1.0, 1.0, 1.5], "long_factor": [1.0, 1.5, 2.0, 2.5],
+        "longrope_start_tokens": 8}
+    cfg.model.validate()  # 4 factors for kv-channels 8
+
+
+def test_rope_config_errors_surface_in_validate():
+    cfg, _ = parse_config(["--rope-type", "harpe", "--harpe-bases", "1e6,2e6,3e6",
+                           "--num-query-groups", "2"])
+    with pytest.raises(ValueError, match="has 3 bases; give one per KV group \\(2\\)"):
+        cfg.validate(world_size=1)

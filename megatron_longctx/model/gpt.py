@@ -85,7 +85,7 @@ class LongContextGPTModel(GPTModel):
         )
         self.rotary = RotaryEmbedding(
             model.rope_parameters, model.head_dim, model.num_attention_heads, model.query_groups,
-            rotary_percent=model.rotary_percent, rotary_interleaved=model.rotary_interleaved,
+            rotary_percent=model.rotary_percent,
             max_position_embeddings=model.max_position_embeddings,
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),

@@ -48,6 +48,11 @@ def hf_config(model: ModelConfig):
     if model.rotary_interleaved:
         raise ValueError("transformers' Llama rotates half-split pairs; rotary_interleaved=True "
                          "checkpoints need their q/k rows permuted first")
+    rope_parameters = hf_rope_parameters(model)
+    max_positions = model.max_position_embeddings
+    if rope_parameters["rope_type"] == "dynamic":
+        # transformers' dynamic NTK reads the pretrained length from max_position_embeddings
+        max_positions = rope_parameters.pop("original_max_position_embeddings")
     return LlamaConfig(
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
@@ -56,9 +61,9 @@ def hf_config(model: ModelConfig):
         num_attention_heads=model.num_attention_heads,
         num_key_value_heads=model.query_groups,
         head_dim=model.head_dim,
-        max_position_embeddings=model.max_position_embeddings,
+        max_position_embeddings=max_positions,
         rms_norm_eps=model.norm_epsilon,
-        rope_parameters=hf_rope_parameters(model),
+        rope_parameters=rope_parameters,
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         attention_bias=model.add_qkv_bias,
         mlp_bias=False,

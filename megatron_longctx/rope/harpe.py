@@ -10,10 +10,13 @@
   ``sum_{s in selected} sum_k |P_c[k] - V_s[k]| + |V_c[k] - P_s[k]|`` where ``P``/``V`` are the
   positions of the first ``K`` local maxima/minima of each waveform over ``m`` in ``[0, M)``.
 
-Neither paper gives ``M`` nor how peak lists of different lengths are paired; we pair the
-first ``K = min`` extrema in order and use ``M = 4096`` (Llama-2's pretraining length, where
-HARPE starts from). The result is compared with the paper's 32 bases in the tests and in
-``tools/harpe_bases.py``; the differences are documented there.
+Neither paper gives ``M`` nor how peak lists of different lengths are paired, and no code
+for the search is public. We pair the first ``K = min`` extrema in order and use ``M = 4096``
+(Llama-2's pretraining length, where HARPE starts). For the paper's setting (32 heads, d=128,
+1M-5M, stride 30k) this shares 6 of its 32 published bases (1.00, 2.65, 2.74, 3.01, 3.04, 3.46);
+we also tried M in {8k, 16k, 32k, 64k} and nearest-extremum pairing, which share 4-11. Like the
+paper, the set spans the range with clusters at stride spacing. The published list is
+:data:`PAPER_BASES_LLAMA2_7B`; pass it as ``harpe_bases`` to reproduce the paper exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from __future__ import annotations
 import numpy as np
 
 WAVEFORM_POSITIONS = 4096
+
+# HARPE paper, Llama-2-7B (32 heads, d=128), range 1M-5M, stride 30k (arXiv 2412.07171)
+PAPER_BASES_LLAMA2_7B = [b * 1e6 for b in (
+    1.00, 1.15, 1.30, 1.45, 2.17, 2.20, 2.23, 2.47, 2.50, 2.65, 2.68, 2.71, 2.74, 2.80, 2.83, 2.92,
+    3.01, 3.04, 3.10, 3.13, 3.16, 3.22, 3.43, 3.46, 3.61, 3.88, 4.09, 4.15, 4.39, 4.45, 4.51, 4.54)]
 
 
 def waveform(base: float, dim: int, positions: int = WAVEFORM_POSITIONS) -> np.ndarray:

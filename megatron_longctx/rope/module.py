@@ -25,7 +25,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, rope_parameters: dict[str, Any], head_dim: int, num_attention_heads: int,
                  num_query_groups: int, rotary_percent: float = 1.0,
-                 rotary_interleaved: bool = False, max_position_embeddings: int | None = None,
+                 max_position_embeddings: int | None = None,
                  tp_rank: int = 0, tp_size: int = 1):
         super().__init__()
         self.rope_parameters = dict(rope_parameters)
@@ -33,7 +33,6 @@ class RotaryEmbedding(torch.nn.Module):
         self.head_dim, self.rotary_percent = head_dim, rotary_percent
         self.num_attention_heads, self.num_query_groups = num_attention_heads, num_query_groups
         self.max_position_embeddings = max_position_embeddings
-        self.interleaved = rotary_interleaved
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.start_tokens = int(self.rope_parameters.get("longrope_start_tokens", 0))
         # validates the parameters now, before any training work
@@ -69,14 +68,14 @@ class RotaryEmbedding(torch.nn.Module):
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         angles = rotary_angles(inv_freq, position_ids)  # [s, b, h, d/2]
         if self.start_tokens <= 0:
-            return cos_sin(angles, factor, self.interleaved, dtype)
+            return cos_sin(angles, factor, dtype)
         theta = self.rope_parameters["rope_theta"]
         dim = inv_freq.shape[-1] * 2
         unscaled = rotary_angles(base_inv_freq(theta, dim).to(inv_freq.device)[None], position_ids)
         early = (position_ids < self.start_tokens).transpose(0, 1)[:, :, None, None]  # [s,b,1,1]
         angles = torch.where(early, unscaled, angles)
         per_token_factor = torch.where(early, 1.0, factor).to(torch.float32)
-        return cos_sin(angles, per_token_factor, self.interleaved, dtype)
+        return cos_sin(angles, per_token_factor, dtype)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype = torch.float32,
                 seq_len: int | None = None) -> RotaryTables:

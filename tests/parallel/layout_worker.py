@@ -23,21 +23,29 @@ from megatron_longctx.parallel.initialize import init_process_group, initialize_
 from megatron_longctx.training.trainer import Trainer
 
 STEPS = 4
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    # one base per KV group; 2 groups over TP=2 puts a different base on each rank
+    "harpe": {"rope_type": "harpe", "harpe_bases": [1e4, 5e5]},
+}
+# name -> (rope, parallel layout)
 LAYOUTS = {
-    "tp2": dict(tensor_model_parallel_size=2),
-    "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
-    "pp2": dict(pipeline_model_parallel_size=2),
-    "dp2": dict(),
-    "dp2_distopt": dict(use_distributed_optimizer=True),
+    "tp2": ("default", dict(tensor_model_parallel_size=2)),
+    "tp2_sp": ("default", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+    "pp2": ("default", dict(pipeline_model_parallel_size=2)),
+    "dp2": ("default", dict()),
+    "dp2_distopt": ("default", dict(use_distributed_optimizer=True)),
+    "tp2_harpe": ("harpe", dict(tensor_model_parallel_size=2)),
+    "pp2_harpe": ("harpe", dict(pipeline_model_parallel_size=2)),
 }
 
 
-def config(**parallel) -> RunConfig:
+def config(rope: str = "default", **parallel) -> RunConfig:
     cfg = RunConfig()
     m, t = cfg.model, cfg.training
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 4, 64, 128
     m.num_attention_heads, m.num_query_groups = 4, 2
-    m.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    m.rope_parameters = ROPES[rope]
     t.seq_length, t.micro_batch_size, t.global_batch_size = 64, 2, 8  # 4 micro-batches at DP=1
     t.train_iters, t.lr, t.min_lr, t.lr_warmup_iters = STEPS, 1e-3, 1e-4, 1
     for key, value in parallel.items():
@@ -62,22 +70,26 @@ def train_losses(trainer: Trainer) -> list[float]:
 
 def reference(out: str) -> None:
     init_process_group()
-    cfg = config()
-    cfg.validate(1)
-    initialize_model_parallel(cfg.parallel, cfg.training.seed)
-    trainer = Trainer(cfg, dataset(cfg))
-    init_state = {n: t.clone() for n, t in full_tensors(trainer.model).items()}
-    loss0, grads = step0_grads(trainer)
-    losses = train_losses(trainer)
-    torch.save({"state": init_state, "loss0": loss0, "grads": grads, "losses": losses}, out)
+    refs = {}
+    for rope in ROPES:
+        cfg = config(rope)
+        cfg.validate(1)
+        initialize_model_parallel(cfg.parallel, cfg.training.seed)
+        trainer = Trainer(cfg, dataset(cfg))
+        init_state = {n: t.clone() for n, t in full_tensors(trainer.model).items()}
+        loss0, grads = step0_grads(trainer)
+        refs[rope] = {"state": init_state, "loss0": loss0, "grads": grads,
+                      "losses": train_losses(trainer)}
+    torch.save(refs, out)
 
 
 def layouts(ref_path: str, out_dir: str) -> None:
     init_process_group()
-    ref = torch.load(ref_path)
+    refs = torch.load(ref_path)
     results = {}
-    for name, parallel in LAYOUTS.items():
-        cfg = config(**parallel)
+    for name, (rope, parallel) in LAYOUTS.items():
+        ref = refs[rope]
+        cfg = config(rope, **parallel)
         cfg.validate(dist.get_world_size())
         initialize_model_parallel(cfg.parallel, cfg.training.seed)
         trainer = Trainer(cfg, dataset(cfg), init_state_dict=ref["state"])

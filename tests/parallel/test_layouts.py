@@ -1,5 +1,6 @@
 """TP=2, TP=2+SP, PP=2 (1F1B, 4 micro-batches), DP=2 and DP=2 + distributed optimizer each
-match the single-process run on identical weights and data (fp32)."""
+match the single-process run on identical weights and data (fp32); HARPE (a different RoPE
+base per KV group, so per TP rank) under TP=2 and PP=2 too."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import os
 import pytest
 
 from distributed import run_python, run_torchrun
+from parallel.layout_worker import LAYOUTS
 
 WORKER = os.path.join(os.path.dirname(__file__), "layout_worker.py")
 TOL = 1e-5
@@ -21,7 +23,7 @@ def layout_results(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2", "dp2_distopt"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout_results, layout):
     for rank, results in enumerate(layout_results):
         result = results[layout]
