@@ -86,6 +86,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                 group.add_argument(_flag(f.name), dest=f.name,
                                    action=argparse.BooleanOptionalAction,
                                    help=f"(default: {default})")
+            elif typing.get_origin(tp) is list:
+                group.add_argument(_flag(f.name), dest=f.name, nargs="+",
+                                   type=typing.get_args(tp)[0], help=f"(default: {default})")
             else:
                 group.add_argument(_flag(f.name), dest=f.name, type=tp,
                                    help=f"(default: {default})")

@@ -196,10 +196,18 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    # "stdlib": Python's standard-library sources, one document per file (always present).
-    # Otherwise a path to a flat token file (.npy of token ids).
-    data_path: str = "stdlib"
+    # "stdlib": Python's standard-library sources, byte tokens (zero setup). Otherwise Megatron
+    # indexed-dataset prefixes, optionally weighted: ["0.7", "general", "0.3", "code"].
+    data_path: list[str] = field(default_factory=lambda: ["stdlib"])
+    split: str = "969,30,1"
     tokenizer_type: str = "ByteTokenizer"
+    tokenizer_model: str | None = None
+    reset_position_ids: bool = False  # positions restart at every packed document
+    reset_attention_mask: bool = False  # attention stays within each packed document
+    eod_mask_loss: bool = False  # no loss on predicting the token after an EOD
+    # per source "THRESHOLD:KEEP_P" (or one for all): keep docs < THRESHOLD tokens with KEEP_P
+    length_upsample: list[str] | None = None
+    data_cache_path: str | None = None  # sample-index cache; default: beside the data
 
 
 @dataclass

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from megatron_longctx.data.byte_tokenizer import ByteTokenizer
+from megatron_longctx.data.long_context_dataset import SampleOptions, build_sample
 from megatron_longctx.data.stdlib_corpus import stdlib_documents
 
 
@@ -25,9 +26,12 @@ def stdlib_token_stream(tokenizer: ByteTokenizer | None = None, max_docs: int | 
 
 
 class TokenStreamDataset(torch.utils.data.Dataset):
-    def __init__(self, tokens: np.ndarray, seq_length: int):
+    """Samples of a flat token stream; documents end at EOD tokens."""
+
+    def __init__(self, tokens: np.ndarray, seq_length: int, options: SampleOptions | None = None):
         self.tokens = tokens
         self.seq_length = seq_length
+        self.options = options or SampleOptions(seq_length, eod=ByteTokenizer.eod)
         self.num_samples = (len(tokens) - 1) // seq_length
         if self.num_samples < 1:
             raise ValueError(f"token stream of {len(tokens)} tokens is shorter than one sample "
@@ -38,10 +42,6 @@ class TokenStreamDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         start = (idx % self.num_samples) * self.seq_length
-        chunk = torch.from_numpy(self.tokens[start:start + self.seq_length + 1].astype(np.int64))
-        return {
-            "tokens": chunk[:-1],
-            "labels": chunk[1:],
-            "loss_mask": torch.ones(self.seq_length, dtype=torch.float32),
-            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
-        }
+        chunk = self.tokens[start:start + self.seq_length + 1].astype(np.int64)
+        doc_starts = np.concatenate([[0], np.nonzero(chunk[:-1] == self.options.eod)[0] + 1])
+        return build_sample(chunk, doc_starts, self.options)

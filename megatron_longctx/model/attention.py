@@ -1,4 +1,5 @@
-"""Our core attention: rotary from explicit positions, then causal (GQA) attention.
+"""Our core attention: rotary from explicit positions, then causal (GQA) attention that honours
+packed-document boundaries and context parallelism.
 
 megatron-core's ``Attention`` applies rotary with its own function from a ``[s, 1, 1, d]``
 angle tensor: no per-head bases, no per-token attention factor, and cos/sin recomputed in every
@@ -13,29 +14,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_longctx.model.blockwise_attention import document_causal_attention
+from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
 
 
 @dataclass
 class AttentionContext(PackedSeqParams):
-    """Per-micro-batch attention inputs: rotary tables (and, later, document boundaries)."""
+    """Per-micro-batch attention inputs.
+
+    ``doc_starts[b]``: sorted global start positions of the packed documents of sample ``b``
+    (attention stays within a document); None for plain causal attention.
+    """
 
     rotary: RotaryTables | None = None
+    doc_starts: list[list[int]] | None = None
 
 
 class CoreAttention(MegatronModule):
     """``query [s, b, np, hn]``, ``key/value [s, b, ng, hn]`` -> ``[s, b, np * hn]``.
 
-    Uses torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the
-    device has them; never materialises an ``s x s`` mask for causal attention).
+    Plain causal attention uses torch's ``scaled_dot_product_attention`` (flash kernels on CPU
+    and GPU). Packed documents and context parallelism (keys/values all-gathered across the CP
+    group) go through :func:`document_causal_attention`, also flash-based. No path builds an
+    ``s x s`` mask.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int,
@@ -43,8 +54,7 @@ class CoreAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError("context parallelism needs the CP core attention")
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
@@ -59,6 +69,16 @@ class CoreAttention(MegatronModule):
             query = apply_rotary(query, rotary.cos_q, rotary.sin_q, self.interleaved)
             key = apply_rotary(key, rotary.cos_k, rotary.sin_k, self.interleaved)
         s, b, heads, head_dim = query.shape
+        doc_starts = getattr(packed_seq_params, "doc_starts", None)
+        cp_size = self.config.context_parallel_size
+        if cp_size > 1 or doc_starts is not None:
+            chunks = [(0, s, 0)]
+            if cp_size > 1:
+                group = self.cp_group or parallel_state.get_context_parallel_group()
+                key, value = gather_sequence(key, group), gather_sequence(value, group)
+                chunks = local_query_chunks(dist.get_rank(group), cp_size, s)
+            return document_causal_attention(query, key, value, self.softmax_scale, chunks,
+                                             doc_starts)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale,

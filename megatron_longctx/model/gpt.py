@@ -92,11 +92,15 @@ class LongContextGPTModel(GPTModel):
         )
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, **kwargs) -> Tensor:
-        """input_ids, position_ids, labels: ``[b, s]``. Returns per-token loss ``[b, s]`` when
-        labels are given, else logits ``[b, s, vocab / tp]``."""
-        tables = self.rotary(position_ids, dtype=self.config.params_dtype)
-        context = AttentionContext(qkv_format="sbhd", rotary=tables)
+                labels: Tensor | None = None, doc_starts: list[list[int]] | None = None,
+                rope_seq_len: int | None = None, **kwargs) -> Tensor:
+        """input_ids, position_ids, labels: ``[b, s]`` (this CP rank's tokens, with their global
+        positions). ``doc_starts``: global document starts per sample (packed samples).
+        ``rope_seq_len``: the full sequence length for length-dependent RoPE under CP.
+        Returns per-token loss ``[b, s]`` when labels are given, else logits
+        ``[b, s, vocab / tp]``."""
+        tables = self.rotary(position_ids, dtype=self.config.params_dtype, seq_len=rope_seq_len)
+        context = AttentionContext(qkv_format="sbhd", rotary=tables, doc_starts=doc_starts)
         return super().forward(input_ids, position_ids, attention_mask, labels=labels,
                                packed_seq_params=context, **kwargs)
 

@@ -40,6 +40,8 @@ class GlobalBatchSampler:
         return [mine[i:i + self.micro_batch_size] for i in range(0, local, self.micro_batch_size)]
 
 
-def collate(dataset, indices) -> dict[str, torch.Tensor]:
+def collate(dataset, indices) -> dict:
+    """Stack samples; per-sample lists (``doc_starts``) stay lists."""
     samples = [dataset[int(i)] for i in indices]
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    return {k: [s[k] for s in samples] if isinstance(samples[0][k], list)
+            else torch.stack([s[k] for s in samples]) for k in samples[0]}

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.byte_tokenizer import ByteTokenizer
+from megatron_longctx.data.long_context_dataset import SampleOptions, build_train_dataset
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.parallel.initialize import (
     distributed_env,
@@ -27,11 +27,22 @@ logger = logging.getLogger("megatron_longctx")
 
 
 def build_dataset(cfg: RunConfig):
-    tokenizer = ByteTokenizer()
+    """The training dataset; sets ``cfg.model.vocab_size`` from the tokenizer."""
+    d, t = cfg.data, cfg.training
+    if d.data_path == ["stdlib"]:
+        tokenizer = ByteTokenizer()
+    else:
+        from megatron_longctx.data.tokenizers import build_tokenizer
+
+        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     cfg.model.vocab_size = tokenizer.vocab_size
-    path = cfg.data.data_path
-    tokens = stdlib_token_stream(tokenizer) if path == "stdlib" else np.load(path)
-    return TokenStreamDataset(tokens, cfg.training.seq_length)
+    options = SampleOptions(t.seq_length, eod=tokenizer.eod,
+                            reset_position_ids=d.reset_position_ids,
+                            eod_mask_loss=d.eod_mask_loss)
+    if d.data_path == ["stdlib"]:
+        return TokenStreamDataset(stdlib_token_stream(tokenizer), t.seq_length, options)
+    return build_train_dataset(d.data_path, d.split, t.train_iters * t.global_batch_size,
+                               options, t.seed, d.length_upsample, d.data_cache_path)
 
 
 def _git_revision() -> str:

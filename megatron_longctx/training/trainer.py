@@ -18,6 +18,7 @@ from torch import Tensor
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.model import build_model
+from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
 from megatron_longctx.training.batches import GlobalBatchSampler, collate
 from megatron_longctx.training.schedule import learning_rate
@@ -78,8 +79,16 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(masked_token_loss, batch["loss_mask"])
+        # the full length, before CP slicing, for RoPE types that depend on it
+        rope_seq_len = int(batch["position_ids"].max()) + 1
+        cp_rank = parallel_state.get_context_parallel_rank()
+        cp_size = parallel_state.get_context_parallel_world_size()
+        local = {k: slice_for_cp_rank(batch[k], cp_rank, cp_size)
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        doc_starts = batch.get("doc_starts") if self.cfg.data.reset_attention_mask else None
+        output = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
+                       doc_starts=doc_starts, rope_seq_len=rope_seq_len)
+        return output, partial(masked_token_loss, local["loss_mask"])
 
     def forward_backward(self, step: int, forward_only: bool = False) -> float:
         """Run all micro-batches of global batch ``step``; returns the mean token loss (all ranks).
@@ -95,7 +104,7 @@ class Trainer:
             data_iterator=iter(micro),
             model=[self.ddp],
             num_microbatches=len(micro),
-            seq_length=t.seq_length,
+            seq_length=t.seq_length,  # megatron-core divides by CP (and TP with SP) itself
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
