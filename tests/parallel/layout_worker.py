@@ -1,10 +1,12 @@
 """Train a tiny model for a few steps under several parallel layouts on the same weights/data.
 
-    python layout_worker.py reference OUT.pt          # single process: weights, losses, grads
-    torchrun --nproc_per_node 2 layout_worker.py layouts REF.pt OUT_DIR
+    python layout_worker.py reference OUT.pt                     # single process: all variants
+    torchrun --nproc_per_node N layout_worker.py layouts REF.pt OUT_DIR N
 
-Each layout loads the reference's initial full weights, records the loss of global batches
-0..3 (batch 3 is seen after 3 optimizer steps) and the step-0 gradients gathered across TP.
+A *variant* fixes the RoPE method and the data (plain stream, packed short documents with
+document-causal attention, or a loss mask that blanks one CP rank's chunks). Each layout loads
+its variant's initial full weights, records the loss of global batches 0..3 (batch 3 is seen
+after 3 optimizer steps) and the step-0 gradients gathered across TP.
 """
 
 from __future__ import annotations
@@ -13,48 +15,108 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_longctx.config import RunConfig
+from megatron_longctx.data.byte_tokenizer import ByteTokenizer
+from megatron_longctx.data.long_context_dataset import SampleOptions
+from megatron_longctx.data.stdlib_corpus import stdlib_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.model.sharding import full_tensors, local_parameters
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
 from megatron_longctx.training.trainer import Trainer
 
 STEPS = 4
+SEQ = 64
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     # one base per KV group; 2 groups over TP=2 puts a different base on each rank
     "harpe": {"rope_type": "harpe", "harpe_bases": [1e4, 5e5]},
+    # depends on the whole sequence length, which a CP rank does not see locally
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0,
+                "original_max_position_embeddings": 16},
 }
-# name -> (rope, parallel layout)
+# variant -> (rope, data)
+VARIANTS = {
+    "default": ("default", "plain"),
+    "harpe": ("harpe", "plain"),
+    "default_docs": ("default", "docs"),
+    "harpe_docs": ("harpe", "docs"),
+    "dynamic_docs": ("dynamic", "docs"),
+    "default_masked_chunks": ("default", "masked_chunks"),
+}
+# layout -> (variant, parallel settings, world size)
 LAYOUTS = {
-    "tp2": ("default", dict(tensor_model_parallel_size=2)),
-    "tp2_sp": ("default", dict(tensor_model_parallel_size=2, sequence_parallel=True)),
-    "pp2": ("default", dict(pipeline_model_parallel_size=2)),
-    "dp2": ("default", dict()),
-    "dp2_distopt": ("default", dict(use_distributed_optimizer=True)),
-    "tp2_harpe": ("harpe", dict(tensor_model_parallel_size=2)),
-    "pp2_harpe": ("harpe", dict(pipeline_model_parallel_size=2)),
+    "tp2": ("default", dict(tensor_model_parallel_size=2), 2),
+    "tp2_sp": ("default", dict(tensor_model_parallel_size=2, sequence_parallel=True), 2),
+    "pp2": ("default", dict(pipeline_model_parallel_size=2), 2),
+    "dp2": ("default", dict(), 2),
+    "dp2_distopt": ("default", dict(use_distributed_optimizer=True), 2),
+    "tp2_harpe": ("harpe", dict(tensor_model_parallel_size=2), 2),
+    "pp2_harpe": ("harpe", dict(pipeline_model_parallel_size=2), 2),
+    "cp2": ("default", dict(context_parallel_size=2), 2),
+    "cp2_harpe": ("harpe", dict(context_parallel_size=2), 2),
+    "cp2_docs": ("default_docs", dict(context_parallel_size=2), 2),
+    "cp2_harpe_docs": ("harpe_docs", dict(context_parallel_size=2), 2),
+    "cp2_dynamic_docs": ("dynamic_docs", dict(context_parallel_size=2), 2),
+    "cp2_masked_rank1": ("default_masked_chunks", dict(context_parallel_size=2), 2),
+    "tp2_cp2_harpe_docs": ("harpe_docs", dict(tensor_model_parallel_size=2,
+                                              context_parallel_size=2), 4),
 }
 
 
-def config(rope: str = "default", **parallel) -> RunConfig:
+def config(variant: str, **parallel) -> RunConfig:
+    rope, data = VARIANTS[variant]
     cfg = RunConfig()
     m, t = cfg.model, cfg.training
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 4, 64, 128
     m.num_attention_heads, m.num_query_groups = 4, 2
     m.rope_parameters = ROPES[rope]
-    t.seq_length, t.micro_batch_size, t.global_batch_size = 64, 2, 8  # 4 micro-batches at DP=1
+    t.seq_length, t.micro_batch_size, t.global_batch_size = SEQ, 2, 8  # 4 micro-batches at DP=1
     t.train_iters, t.lr, t.min_lr, t.lr_warmup_iters = STEPS, 1e-3, 1e-4, 1
+    if data == "docs":
+        cfg.data.reset_attention_mask = cfg.data.reset_position_ids = True
+        cfg.data.eod_mask_loss = True
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
     return cfg
 
 
-def dataset(cfg: RunConfig):
-    return TokenStreamDataset(stdlib_token_stream(max_docs=40), cfg.training.seq_length)
+class _MaskChunks(torch.utils.data.Dataset):
+    """Blank the loss on chunks 1 and 2 of 4: all of CP rank 1's tokens at CP=2."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        sample = dict(self.inner[i])
+        mask = sample["loss_mask"].clone()
+        mask[SEQ // 4:3 * SEQ // 4] = 0.0
+        sample["loss_mask"] = mask
+        return sample
+
+
+def dataset(cfg: RunConfig, variant: str):
+    data = VARIANTS[variant][1]
+    options = SampleOptions(SEQ, eod=ByteTokenizer.eod, reset_position_ids=cfg.data.reset_position_ids,
+                            eod_mask_loss=cfg.data.eod_mask_loss)
+    if data == "docs":
+        # short real-text documents (3-40 bytes), several per sample, some crossing CP chunks
+        rng = np.random.default_rng(0)
+        text = "".join(stdlib_documents(max_docs=5)).encode()
+        parts, pos = [], 0
+        while pos < 60_000:
+            n = int(rng.integers(3, 40))
+            parts += [np.frombuffer(text[pos:pos + n], np.uint8).astype(np.int32), [257]]
+            pos += n
+        return TokenStreamDataset(np.concatenate(parts).astype(np.int32), SEQ, options)
+    plain = TokenStreamDataset(stdlib_token_stream(max_docs=40), SEQ, options)
+    return _MaskChunks(plain) if data == "masked_chunks" else plain
 
 
 def step0_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
@@ -71,28 +133,30 @@ def train_losses(trainer: Trainer) -> list[float]:
 def reference(out: str) -> None:
     init_process_group()
     refs = {}
-    for rope in ROPES:
-        cfg = config(rope)
+    for variant in VARIANTS:
+        cfg = config(variant)
         cfg.validate(1)
         initialize_model_parallel(cfg.parallel, cfg.training.seed)
-        trainer = Trainer(cfg, dataset(cfg))
+        trainer = Trainer(cfg, dataset(cfg, variant))
         init_state = {n: t.clone() for n, t in full_tensors(trainer.model).items()}
         loss0, grads = step0_grads(trainer)
-        refs[rope] = {"state": init_state, "loss0": loss0, "grads": grads,
-                      "losses": train_losses(trainer)}
+        refs[variant] = {"state": init_state, "loss0": loss0, "grads": grads,
+                         "losses": train_losses(trainer)}
     torch.save(refs, out)
 
 
-def layouts(ref_path: str, out_dir: str) -> None:
+def layouts(ref_path: str, out_dir: str, world: int) -> None:
     init_process_group()
     refs = torch.load(ref_path)
     results = {}
-    for name, (rope, parallel) in LAYOUTS.items():
-        ref = refs[rope]
-        cfg = config(rope, **parallel)
+    for name, (variant, parallel, layout_world) in LAYOUTS.items():
+        if layout_world != world:
+            continue
+        ref = refs[variant]
+        cfg = config(variant, **parallel)
         cfg.validate(dist.get_world_size())
         initialize_model_parallel(cfg.parallel, cfg.training.seed)
-        trainer = Trainer(cfg, dataset(cfg), init_state_dict=ref["state"])
+        trainer = Trainer(cfg, dataset(cfg, variant), init_state_dict=ref["state"])
         result = {}
         if not cfg.parallel.use_distributed_optimizer:  # grads stay whole only without it
             loss0, grads = step0_grads(trainer)
@@ -101,11 +165,12 @@ def layouts(ref_path: str, out_dir: str) -> None:
                 (g - ref["grads"][n]).abs().max().item() for n, g in grads.items())
             result["grad_max_abs"] = max(ref["grads"][n].abs().max().item() for n in grads)
             result["num_grads_compared"] = len(grads)
+            result["grads_finite"] = all(torch.isfinite(g).all().item() for g in grads.values())
         losses = train_losses(trainer)
         result["losses"] = losses
         result["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
         results[name] = result
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"world{world}_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
@@ -113,4 +178,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "reference":
         reference(sys.argv[2])
     else:
-        layouts(sys.argv[2], sys.argv[3])
+        layouts(sys.argv[2], sys.argv[3], int(sys.argv[4]))
