@@ -2,8 +2,8 @@
 
 import warnings
 
-# megatron-core announces at import that apex/TE are absent; on CPU that is the expected state,
-# and megatron_longctx.accelerators is where GPU libraries are detected.
+# megatron-core announces at import that apex/TE are absent; on CPU that is the expected state.
+# (It picks TE/apex kernels itself when they are installed, as in NGC images.)
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed",
                         category=UserWarning)
 
