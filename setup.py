@@ -19,9 +19,11 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",  # megatron-core's dist_checkpointing needs it
         "matplotlib>=3.8",  # PNG plots of results (HARPE waveforms, eval curves)
+        "zstandard>=0.22",  # .jsonl.zst inputs of tools/preprocess_data.py
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6"],
+        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6", "pyarrow>=14"],
+        "parquet": ["pyarrow>=14"],  # .parquet inputs of tools/preprocess_data.py
         "wandb": ["wandb>=0.17"],
         # Provided by NVIDIA NGC PyTorch images; building them needs CUDA toolchains.
         "gpu": ["transformer-engine>=1.9", "apex"],

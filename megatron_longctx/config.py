@@ -169,9 +169,9 @@ class TrainingConfig:
     seed: int = 1234
     bf16: bool = False
     log_interval: int = 10
-    save: str | None = None
+    save: str | None = None  # checkpoint root (Megatron-LM layout); saved at the end too
     save_interval: int | None = None
-    load: str | None = None
+    load: str | None = None  # resume from the latest checkpoint here (may equal --save)
 
     def validate(self, data_parallel_size: int) -> None:
         if self.seq_length <= 0 or self.micro_batch_size <= 0 or self.train_iters < 0:

@@ -17,6 +17,7 @@ from megatron_longctx.config import RunConfig
 from megatron_longctx.data.byte_tokenizer import ByteTokenizer
 from megatron_longctx.data.long_context_dataset import SampleOptions, build_train_dataset
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.training.checkpoint import load_checkpoint
 from megatron_longctx.parallel.initialize import (
     distributed_env,
     init_process_group,
@@ -78,6 +79,8 @@ def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
     from megatron_longctx.training.trainer import Trainer
 
     trainer = Trainer(cfg, dataset)
+    if cfg.training.load and load_checkpoint(trainer, cfg.training.load):
+        logger.info("resuming at step %d of %d", trainer.step, cfg.training.train_iters)
     is_last = dist.get_rank() == dist.get_world_size() - 1
     if is_last:
         logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

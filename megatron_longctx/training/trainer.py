@@ -21,6 +21,7 @@ from megatron_longctx.model import build_model
 from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
 from megatron_longctx.training.batches import GlobalBatchSampler, collate
+from megatron_longctx.training.checkpoint import save_checkpoint
 from megatron_longctx.training.schedule import learning_rate
 
 logger = logging.getLogger(__name__)
@@ -160,5 +161,8 @@ class Trainer:
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             if on_log and (self.step % t.log_interval == 0 or self.step in (1, t.train_iters)):
                 on_log(self.step, metrics)
+            if t.save and (self.step == t.train_iters
+                           or (t.save_interval and self.step % t.save_interval == 0)):
+                save_checkpoint(self, t.save)
         bar.close()
         return losses

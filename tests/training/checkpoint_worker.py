@@ -1,0 +1,73 @@
+"""Save/resume under a parallel layout; resume under another.
+
+    torchrun --nproc_per_node 2 checkpoint_worker.py OUT_DIR
+Runs (a) 4 uninterrupted steps, (b) 2 steps + save, then a fresh trainer that resumes and runs
+steps 3-4, (c) a resume of (b)'s checkpoint under a different layout (TP=2 -> PP=2), and (a)/(b)
+again with the distributed optimizer (DP=2). Writes losses as JSON.
+"""
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+from megatron_longctx.config import RunConfig
+from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
+from megatron_longctx.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_longctx.training.trainer import Trainer
+
+
+def config(**parallel) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.num_layers, cfg.model.num_query_groups = 2, 2
+    cfg.training.seq_length, cfg.training.train_iters = 64, 4
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    return cfg
+
+
+def trainer(cfg: RunConfig) -> Trainer:
+    cfg.validate(dist.get_world_size())
+    initialize_model_parallel(cfg.parallel, cfg.training.seed)
+    return Trainer(cfg, TokenStreamDataset(stdlib_token_stream(max_docs=30), 64))
+
+
+def main(out: str) -> None:
+    init_process_group()
+    layout = dict(tensor_model_parallel_size=2, use_distributed_optimizer=False)
+    full = trainer(config(**layout))
+    uninterrupted = [full.train_step()["loss"] for _ in range(4)]
+
+    first = trainer(config(**layout))
+    # same initial weights as `full`: identical seed and layout
+    losses_a = [first.train_step()["loss"] for _ in range(2)]
+    save_checkpoint(first, os.path.join(out, "ckpt"))
+
+    resumed = trainer(config(**layout))
+    assert load_checkpoint(resumed, os.path.join(out, "ckpt")) and resumed.step == 2
+    losses_b = [resumed.train_step()["loss"] for _ in range(2)]
+
+    other = trainer(config(pipeline_model_parallel_size=2))  # TP=2 checkpoint -> PP=2 run
+    assert load_checkpoint(other, os.path.join(out, "ckpt")) and other.step == 2
+    losses_c = [other.train_step()["loss"] for _ in range(2)]
+    # distributed optimizer (DP=2), resumed in the same layout
+    distopt = dict(use_distributed_optimizer=True)
+    d_full = trainer(config(**distopt))
+    d_uninterrupted = [d_full.train_step()["loss"] for _ in range(4)]
+    d_first = trainer(config(**distopt))
+    d_a = [d_first.train_step()["loss"] for _ in range(2)]
+    save_checkpoint(d_first, os.path.join(out, "ckpt_distopt"))
+    d_resumed = trainer(config(**distopt))
+    assert load_checkpoint(d_resumed, os.path.join(out, "ckpt_distopt"))
+    d_b = [d_resumed.train_step()["loss"] for _ in range(2)]
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "losses.json"), "w") as f:
+            json.dump({"uninterrupted": uninterrupted, "resumed": losses_a + losses_b,
+                       "resharded": losses_a + losses_c, "distopt_uninterrupted": d_uninterrupted,
+                       "distopt_resumed": d_a + d_b}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
