@@ -74,7 +74,14 @@ class _PrefixDiagonalAttention(torch.autograd.Function):
 
 def prefix_diagonal_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_diag: Tensor,
                               v_diag: Tensor, scale: float) -> Tensor:
-    """All ``[b, h, L, d]`` (prefix may have length 0); returns ``[b, h, L, d]``."""
+    """All ``[b, h, L, d]`` (prefix may have length 0); returns ``[b, h, L, d]``.
+
+    Inputs may be strided views (sequence slices, stride-0 expanded KV heads): the flash
+    kernels read strides, so no copies are made or kept for backward.
+    """
+    if not q.is_cuda:
+        return _PrefixDiagonalAttention.apply(q, k_pre, v_pre, k_diag, v_diag, scale)
+    # CUDA flash kernels want densely packed heads
     return _PrefixDiagonalAttention.apply(q.contiguous(), k_pre.contiguous(), v_pre.contiguous(),
                                           k_diag.contiguous(), v_diag.contiguous(), scale)
 
@@ -115,20 +122,24 @@ def document_causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: 
     """
     sq, batch, heads, dim = query.shape
     groups = key.shape[2]
+    per_group = heads // groups
     outputs = []
     for bi in range(batch):
-        q = query[:, bi].transpose(0, 1)[None]  # [1, np, sq, hn]
-        k = key[:, bi].transpose(0, 1)[None].repeat_interleave(heads // groups, dim=1)
-        v = value[:, bi].transpose(0, 1)[None].repeat_interleave(heads // groups, dim=1)
         starts = doc_starts[bi] if doc_starts is not None else [0]
-        pieces = []
-        for local_start, local_end, global_start in query_chunks:
-            shift = global_start - local_start
-            for a, b, s0 in query_pieces(global_start, global_start + local_end - local_start,
-                                         starts):
-                pieces.append(prefix_diagonal_attention(
-                    q[:, :, a - shift:b - shift], k[:, :, s0:a], v[:, :, s0:a],
-                    k[:, :, a:b], v[:, :, a:b], scale))
-        outputs.append(torch.cat(pieces, dim=2)[0])  # [np, sq, hn]
+        heads_out = []
+        for g in range(groups):  # GQA: a group's query heads share one (stride-0) KV head
+            q = query[:, bi, g * per_group:(g + 1) * per_group].permute(1, 0, 2)[None]
+            k = key[:, bi, g:g + 1].permute(1, 0, 2)[None].expand(1, per_group, -1, dim)
+            v = value[:, bi, g:g + 1].permute(1, 0, 2)[None].expand(1, per_group, -1, dim)
+            pieces = []
+            for local_start, local_end, global_start in query_chunks:
+                shift = global_start - local_start
+                for a, b, s0 in query_pieces(global_start,
+                                             global_start + local_end - local_start, starts):
+                    pieces.append(prefix_diagonal_attention(
+                        q[:, :, a - shift:b - shift], k[:, :, s0:a], v[:, :, s0:a],
+                        k[:, :, a:b], v[:, :, a:b], scale))
+            heads_out.append(torch.cat(pieces, dim=2)[0])  # [per_group, sq, hn]
+        outputs.append(torch.cat(heads_out, dim=0))  # [np, sq, hn]
     out = torch.stack(outputs, dim=0)  # [b, np, sq, hn]
     return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)
