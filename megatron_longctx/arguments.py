@@ -17,7 +17,6 @@ from typing import Any
 from megatron_longctx.config import RunConfig
 
 
-
 def float_list(value: str) -> list[float]:
     """A list of floats: ``"1.0,1.2,1.5"`` or a file holding a JSON list or whitespace/comma
     separated numbers (LongRoPE factors are usually kept in files)."""

@@ -134,7 +134,8 @@ class ParallelConfig:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
         if seq_length is not None:
             if cp > 1 and seq_length % (2 * cp):
-                good = [seq_length - seq_length % (2 * cp), seq_length + 2 * cp - seq_length % (2 * cp)]
+                below = seq_length - seq_length % (2 * cp)
+                good = [below, below + 2 * cp]
                 raise ValueError(
                     f"--seq-length {seq_length} is not divisible by 2*--context-parallel-size "
                     f"= {2 * cp} (load-balanced CP splits the sequence into 2*cp chunks); "
@@ -226,7 +227,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(raw) - set(sections)
         if unknown:
@@ -245,6 +246,6 @@ class RunConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_yaml(cls, path: str) -> "RunConfig":
+    def from_yaml(cls, path: str) -> RunConfig:
         with open(path) as f:
             return cls.from_dict(yaml.safe_load(f) or {})

@@ -16,7 +16,8 @@ def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
     try:
         weights = [float(w) for w in split.replace("/", ",").split(",")]
     except ValueError:
-        raise ValueError(f"--split {split!r} must be comma-separated numbers, e.g. 969,30,1")
+        raise ValueError(
+            f"--split {split!r} must be comma-separated numbers, e.g. 969,30,1") from None
     weights = (weights + [0.0, 0.0, 0.0])[:3]
     if min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"--split {split!r} needs non-negative weights with a positive sum")

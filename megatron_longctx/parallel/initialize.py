@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -80,7 +80,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30) -> DistributedEnv:
+def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30
+                       ) -> DistributedEnv:
     """Start ``torch.distributed``: NCCL on GPUs, gloo on CPU. Idempotent."""
     env = env or distributed_env()
     if dist.is_initialized():

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,12 +76,12 @@ class DynamicParams(ScaledParams):
 @dataclass(frozen=True)
 class YarnParams(DynamicParams):
     REQUIRED: ClassVar[tuple[str, ...]] = ("original_max_position_embeddings",)
-    factor: Optional[float] = None  # None: max_position_embeddings / original
+    factor: float | None = None  # None: max_position_embeddings / original
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: Optional[float] = None
-    mscale: Optional[float] = None  # DeepSeek-V2/V3 variant of the attention factor
-    mscale_all_dim: Optional[float] = None
+    attention_factor: float | None = None
+    mscale: float | None = None  # DeepSeek-V2/V3 variant of the attention factor
+    mscale_all_dim: float | None = None
     truncate: bool = True
 
     def validate(self, ctx: RopeContext) -> None:
@@ -115,8 +116,8 @@ class LongRopeParams(DefaultParams):
     short_factor: Sequence[float] = ()
     long_factor: Sequence[float] = ()
     original_max_position_embeddings: int | None = None
-    factor: Optional[float] = None  # None: max_position_embeddings / original
-    attention_factor: Optional[float] = None
+    factor: float | None = None  # None: max_position_embeddings / original
+    attention_factor: float | None = None
     longrope_start_tokens: int = 0  # n-hat: first positions keep original angles, no factor
 
     def validate(self, ctx: RopeContext) -> None:
@@ -145,12 +146,12 @@ HARPE_SCHEMES = ("uniform_ascending", "uniform_descending", "peak_valley")
 @dataclass(frozen=True)
 class HarpeParams:
     REQUIRED: ClassVar[tuple[str, ...]] = ()
-    harpe_bases: Optional[Sequence[float]] = None
-    harpe_scheme: Optional[str] = None
+    harpe_bases: Sequence[float] | None = None
+    harpe_scheme: str | None = None
     harpe_base_min: float = 1e6
     harpe_base_max: float = 5e6
     harpe_stride: float = 3e4
-    rope_theta: Optional[float] = None  # unused: each KV group has its own base
+    rope_theta: float | None = None  # unused: each KV group has its own base
 
     def validate(self, ctx: RopeContext) -> None:
         if (self.harpe_bases is None) == (self.harpe_scheme is None):

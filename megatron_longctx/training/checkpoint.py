@@ -1,6 +1,7 @@
 """Checkpoints with megatron-core's ``dist_checkpointing``: resumable and reshardable.
 
-Layout (Megatron-LM's): ``{root}/iter_{step:07d}/`` plus ``{root}/latest_checkpointed_iteration.txt``.
+Layout (Megatron-LM's): ``{root}/iter_{step:07d}/`` and the tracker file
+``{root}/latest_checkpointed_iteration.txt``.
 Each rank writes its shards; the directory is written as ``iter_*.tmp`` and renamed only after
 every rank has finished, and the tracker file is replaced atomically afterwards, so an
 interrupted save never becomes the checkpoint a resume picks up. Model and optimizer state are

@@ -17,12 +17,12 @@ from megatron_longctx.config import RunConfig
 from megatron_longctx.data.byte_tokenizer import ByteTokenizer
 from megatron_longctx.data.long_context_dataset import SampleOptions, build_train_dataset
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
-from megatron_longctx.training.checkpoint import load_checkpoint
 from megatron_longctx.parallel.initialize import (
     distributed_env,
     init_process_group,
     initialize_model_parallel,
 )
+from megatron_longctx.training.checkpoint import load_checkpoint
 
 logger = logging.getLogger("megatron_longctx")
 
@@ -61,7 +61,8 @@ def describe(cfg: RunConfig, model, world_size: int) -> dict:
     bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + 8 + (4 if cfg.training.bf16 else 0)
     if cfg.parallel.use_distributed_optimizer:
         dp = cfg.parallel.data_parallel_size(world_size)
-        bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + (12 if cfg.training.bf16 else 8) / dp
+        optimizer_bytes = 12 if cfg.training.bf16 else 8  # (fp32 main weights +) Adam moments
+        bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + optimizer_bytes / dp
     totals["model_and_optimizer_gib_this_rank"] = round(params_local * bytes_per_param / 2**30, 4)
     return totals
 

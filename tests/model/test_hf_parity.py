@@ -3,7 +3,6 @@ LlamaForCausalLM on the same weights for every rope type, with non-contiguous po
 and lengths past original_max_position_embeddings. HARPE, which transformers lacks, is checked
 against an independent float64 Llama written here (itself checked against transformers)."""
 
-import copy
 
 import pytest
 import torch

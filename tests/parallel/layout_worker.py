@@ -103,7 +103,8 @@ class _MaskChunks(torch.utils.data.Dataset):
 
 def dataset(cfg: RunConfig, variant: str):
     data = VARIANTS[variant][1]
-    options = SampleOptions(SEQ, eod=ByteTokenizer.eod, reset_position_ids=cfg.data.reset_position_ids,
+    options = SampleOptions(SEQ, eod=ByteTokenizer.eod,
+                            reset_position_ids=cfg.data.reset_position_ids,
                             eod_mask_loss=cfg.data.eod_mask_loss)
     if data == "docs":
         # short real-text documents (3-40 bytes), several per sample, some crossing CP chunks

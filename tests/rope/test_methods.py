@@ -1,6 +1,5 @@
 """Frequencies and attention factors of every RoPE type against transformers or float64 math."""
 
-import math
 import warnings
 
 import numpy as np
@@ -136,7 +135,8 @@ def test_harpe_schemes():
 @pytest.mark.parametrize("params,match", [
     ({"rope_type": "nope"}, "unknown; choose one of"),
     ({"rope_type": "linear", "rope_theta": 1e4}, r"needs rope_parameters \['factor'\]"),
-    ({"rope_type": "linear", "rope_theta": -1.0, "factor": 2.0}, r"'rope_theta'\] must be positive"),
+    ({"rope_type": "linear", "rope_theta": -1.0, "factor": 2.0},
+     r"'rope_theta'\] must be positive"),
     ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "original_max_position_embeddings"),
     ({"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fst": 3,
       "original_max_position_embeddings": 4096}, r"\['beta_fst'\] do not apply"),

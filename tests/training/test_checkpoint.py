@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from distributed import run_torchrun
 from megatron_longctx.training.checkpoint import TRACKER, latest_step, step_dir
+
+from distributed import run_torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "checkpoint_worker.py")
 
