@@ -34,39 +34,33 @@ def trainer(cfg: RunConfig) -> Trainer:
     return Trainer(cfg, TokenStreamDataset(stdlib_token_stream(max_docs=30), 64))
 
 
+def uninterrupted_and_resumed(layout: dict, ckpt: str) -> tuple[list[float], list[float]]:
+    """Losses of 4 straight steps, and of 2 steps + save + a fresh trainer resuming 2 more."""
+    straight = trainer(config(**layout))
+    uninterrupted = [straight.train_step()["loss"] for _ in range(4)]
+    first = trainer(config(**layout))  # same seed and layout: same initial weights
+    before = [first.train_step()["loss"] for _ in range(2)]
+    save_checkpoint(first, ckpt)
+    resumed = trainer(config(**layout))
+    assert load_checkpoint(resumed, ckpt) and resumed.step == 2
+    return uninterrupted, before + [resumed.train_step()["loss"] for _ in range(2)]
+
+
 def main(out: str) -> None:
     init_process_group()
-    layout = dict(tensor_model_parallel_size=2, use_distributed_optimizer=False)
-    full = trainer(config(**layout))
-    uninterrupted = [full.train_step()["loss"] for _ in range(4)]
-
-    first = trainer(config(**layout))
-    # same initial weights as `full`: identical seed and layout
-    losses_a = [first.train_step()["loss"] for _ in range(2)]
-    save_checkpoint(first, os.path.join(out, "ckpt"))
-
-    resumed = trainer(config(**layout))
-    assert load_checkpoint(resumed, os.path.join(out, "ckpt")) and resumed.step == 2
-    losses_b = [resumed.train_step()["loss"] for _ in range(2)]
-
+    tp2 = dict(tensor_model_parallel_size=2)
+    uninterrupted, resumed = uninterrupted_and_resumed(tp2, os.path.join(out, "ckpt"))
     other = trainer(config(pipeline_model_parallel_size=2))  # TP=2 checkpoint -> PP=2 run
     assert load_checkpoint(other, os.path.join(out, "ckpt")) and other.step == 2
-    losses_c = [other.train_step()["loss"] for _ in range(2)]
+    resharded = resumed[:2] + [other.train_step()["loss"] for _ in range(2)]
     # distributed optimizer (DP=2), resumed in the same layout
-    distopt = dict(use_distributed_optimizer=True)
-    d_full = trainer(config(**distopt))
-    d_uninterrupted = [d_full.train_step()["loss"] for _ in range(4)]
-    d_first = trainer(config(**distopt))
-    d_a = [d_first.train_step()["loss"] for _ in range(2)]
-    save_checkpoint(d_first, os.path.join(out, "ckpt_distopt"))
-    d_resumed = trainer(config(**distopt))
-    assert load_checkpoint(d_resumed, os.path.join(out, "ckpt_distopt"))
-    d_b = [d_resumed.train_step()["loss"] for _ in range(2)]
+    d_uninterrupted, d_resumed = uninterrupted_and_resumed(
+        dict(use_distributed_optimizer=True), os.path.join(out, "ckpt_distopt"))
     if dist.get_rank() == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"uninterrupted": uninterrupted, "resumed": losses_a + losses_b,
-                       "resharded": losses_a + losses_c, "distopt_uninterrupted": d_uninterrupted,
-                       "distopt_resumed": d_a + d_b}, f)
+            json.dump({"uninterrupted": uninterrupted, "resumed": resumed,
+                       "resharded": resharded, "distopt_uninterrupted": d_uninterrupted,
+                       "distopt_resumed": d_resumed}, f)
 
 
 if __name__ == "__main__":
