@@ -169,6 +169,11 @@ class TrainingConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False
+    # activation recompute, as Megatron-LM: "selective" recomputes core attention (with CP, the
+    # gathered keys/values are then not kept per layer); "full" recomputes whole layers
+    recompute_granularity: str | None = None  # None | selective | full
+    recompute_method: str = "uniform"  # full: uniform | block
+    recompute_num_layers: int = 1  # full: layers per recompute chunk (uniform) or count (block)
     log_interval: int = 10
     save: str | None = None  # checkpoint root (Megatron-LM layout); saved at the end too
     save_interval: int | None = None
@@ -188,6 +193,12 @@ class TrainingConfig:
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got "
                              f"{self.lr_decay_style!r}")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(f"--recompute-granularity must be selective or full, got "
+                             f"{self.recompute_granularity!r}")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ValueError(f"--recompute-method must be uniform or block, got "
+                             f"{self.recompute_method!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
 

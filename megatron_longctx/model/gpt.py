@@ -14,17 +14,22 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_longctx.config import ModelConfig, ParallelConfig
+from megatron_longctx.config import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_longctx.model.attention import AttentionContext
 from megatron_longctx.model.layer_spec import llama_block_spec
 from megatron_longctx.rope import RotaryEmbedding
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
-                       ) -> TransformerConfig:
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
+                       recompute: TrainingConfig | None = None) -> TransformerConfig:
     """Translate our model config into megatron-core's ``TransformerConfig`` (Llama choices)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
+    granularity = recompute.recompute_granularity if recompute else None
     return TransformerConfig(
+        recompute_granularity=granularity,
+        recompute_method=recompute.recompute_method if granularity == "full" else None,
+        recompute_num_layers=recompute.recompute_num_layers if granularity == "full" else None,
+        recompute_modules=["core_attn"] if granularity == "selective" else None,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -105,10 +110,10 @@ class LongContextGPTModel(GPTModel):
                                packed_seq_params=context, **kwargs)
 
 
-def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
-                ) -> LongContextGPTModel:
+def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
+                training: TrainingConfig | None = None) -> LongContextGPTModel:
     """This rank's stage of the model (call after ``initialize_model_parallel``)."""
-    config = transformer_config(model, parallel, bf16)
+    config = transformer_config(model, parallel, bf16, training)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
     return LongContextGPTModel(
         config, model, vocab,

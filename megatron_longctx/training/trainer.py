@@ -47,7 +47,7 @@ class Trainer:
         self.cfg = cfg
         t, p = cfg.training, cfg.parallel
         self.dataset = dataset
-        self.model = build_model(cfg.model, p, t.bf16)
+        self.model = build_model(cfg.model, p, t.bf16, t)
         if init_state_dict is not None:
             load_full_state_dict(self.model, init_state_dict)
         config = self.model.config

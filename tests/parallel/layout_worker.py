@@ -64,6 +64,9 @@ LAYOUTS = {
     "cp2_masked_rank1": ("default_masked_chunks", dict(context_parallel_size=2), 2),
     "tp2_cp2_harpe_docs": ("harpe_docs", dict(tensor_model_parallel_size=2,
                                               context_parallel_size=2), 4),
+    # activation recompute (set on the training config, see `config`)
+    "cp2_docs_recompute_selective": ("default_docs", dict(context_parallel_size=2), 2),
+    "pp2_recompute_full": ("default", dict(pipeline_model_parallel_size=2), 2),
 }
 
 
@@ -81,6 +84,16 @@ def config(variant: str, **parallel) -> RunConfig:
         cfg.data.eod_mask_loss = True
     for key, value in parallel.items():
         setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def layout_config(name: str) -> RunConfig:
+    variant, parallel, _ = LAYOUTS[name]
+    cfg = config(variant, **parallel)
+    if name.endswith("_recompute_selective"):
+        cfg.training.recompute_granularity = "selective"
+    elif name.endswith("_recompute_full"):
+        cfg.training.recompute_granularity = "full"
     return cfg
 
 
@@ -150,11 +163,11 @@ def layouts(ref_path: str, out_dir: str, world: int) -> None:
     init_process_group()
     refs = torch.load(ref_path)
     results = {}
-    for name, (variant, parallel, layout_world) in LAYOUTS.items():
+    for name, (variant, _, layout_world) in LAYOUTS.items():
         if layout_world != world:
             continue
         ref = refs[variant]
-        cfg = config(variant, **parallel)
+        cfg = layout_config(name)
         cfg.validate(dist.get_world_size())
         initialize_model_parallel(cfg.parallel, cfg.training.seed)
         trainer = Trainer(cfg, dataset(cfg, variant), init_state_dict=ref["state"])
