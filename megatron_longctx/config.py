@@ -175,6 +175,8 @@ class TrainingConfig:
     recompute_method: str = "uniform"  # full: uniform | block
     recompute_num_layers: int = 1  # full: layers per recompute chunk (uniform) or count (block)
     log_interval: int = 10
+    eval_interval: int | None = None  # validation loss every N steps (on the --split valid part)
+    eval_iters: int = 10  # validation global batches per evaluation
     save: str | None = None  # checkpoint root (Megatron-LM layout); saved at the end too
     save_interval: int | None = None
     load: str | None = None  # resume from the latest checkpoint here (may equal --save)

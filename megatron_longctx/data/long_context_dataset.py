@@ -173,10 +173,11 @@ def parse_upsample(specs: list[str] | None, num_sources: int) -> list[tuple[int,
     return parsed * num_sources if len(parsed) == 1 else parsed
 
 
-def build_train_dataset(data_path: list[str], split: str, num_samples: int,
-                        options: SampleOptions, seed: int, length_upsample: list[str] | None = None,
-                        cache_dir: str | None = None, split_index: int = 0):
-    """The blended (train, by default) dataset of ``num_samples`` samples."""
+def build_blended_dataset(data_path: list[str], split: str, num_samples: int,
+                          options: SampleOptions, seed: int,
+                          length_upsample: list[str] | None = None,
+                          cache_dir: str | None = None, split_index: int = 0):
+    """``num_samples`` samples of split ``split_index`` (0 train, 1 valid, 2 test), blended."""
     weights, prefixes = parse_blend(data_path)
     upsample = parse_upsample(length_upsample, len(prefixes))
     total = sum(weights)

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.byte_tokenizer import ByteTokenizer
-from megatron_longctx.data.long_context_dataset import SampleOptions, build_train_dataset
+from megatron_longctx.data.long_context_dataset import SampleOptions, build_blended_dataset
+from megatron_longctx.data.packing import split_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.parallel.initialize import (
     distributed_env,
@@ -27,8 +28,9 @@ from megatron_longctx.training.checkpoint import load_checkpoint
 logger = logging.getLogger("megatron_longctx")
 
 
-def build_dataset(cfg: RunConfig):
-    """The training dataset; sets ``cfg.model.vocab_size`` from the tokenizer."""
+def build_datasets(cfg: RunConfig):
+    """Training and validation datasets (the latter None without ``--eval-interval``); sets
+    ``cfg.model.vocab_size`` from the tokenizer."""
     d, t = cfg.data, cfg.training
     if d.data_path == ["stdlib"]:
         tokenizer = ByteTokenizer()
@@ -40,10 +42,19 @@ def build_dataset(cfg: RunConfig):
     options = SampleOptions(t.seq_length, eod=tokenizer.eod,
                             reset_position_ids=d.reset_position_ids,
                             eod_mask_loss=d.eod_mask_loss)
+    evaluate = bool(t.eval_interval)
     if d.data_path == ["stdlib"]:
-        return TokenStreamDataset(stdlib_token_stream(tokenizer), t.seq_length, options)
-    return build_train_dataset(d.data_path, d.split, t.train_iters * t.global_batch_size,
-                               options, t.seed, d.length_upsample, d.data_cache_path)
+        tokens = stdlib_token_stream(tokenizer)
+        (a, b), (c, e), _ = split_documents(len(tokens), d.split)  # token ranges here
+        valid = TokenStreamDataset(tokens[c:e], t.seq_length, options) if evaluate else None
+        return TokenStreamDataset(tokens[a:b], t.seq_length, options), valid
+    train = build_blended_dataset(d.data_path, d.split, t.train_iters * t.global_batch_size,
+                                  options, t.seed, d.length_upsample, d.data_cache_path)
+    valid = None
+    if evaluate:
+        valid = build_blended_dataset(d.data_path, d.split, t.eval_iters * t.global_batch_size,
+                                      options, t.seed, None, d.data_cache_path, split_index=1)
+    return train, valid
 
 
 def _git_revision() -> str:
@@ -76,10 +87,10 @@ def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
         raise SystemExit(f"error: {err}") from None
     init_process_group(env)
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
-    dataset = build_dataset(cfg)
+    dataset, valid_dataset = build_datasets(cfg)
     from megatron_longctx.training.trainer import Trainer
 
-    trainer = Trainer(cfg, dataset)
+    trainer = Trainer(cfg, dataset, valid_dataset=valid_dataset)
     if cfg.training.load and load_checkpoint(trainer, cfg.training.load):
         logger.info("resuming at step %d of %d", trainer.step, cfg.training.train_iters)
     is_last = dist.get_rank() == dist.get_world_size() - 1
@@ -99,6 +110,8 @@ def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
             tqdm.write(
                 f"{time.strftime('%H:%M:%S')} step {step} | loss {metrics['loss']:.4f} | "
                 f"lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | "
-                f"{metrics['tokens_per_s']:.0f} tokens/s")
+                f"{metrics['tokens_per_s']:.0f} tokens/s"
+                + (f" | validation loss {metrics['validation_loss']:.4f}"
+                   if "validation_loss" in metrics else ""))
 
     return trainer.train(on_log=log)

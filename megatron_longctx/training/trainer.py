@@ -43,7 +43,8 @@ def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dataset, init_state_dict: dict[str, Tensor] | None = None):
+    def __init__(self, cfg: RunConfig, dataset, init_state_dict: dict[str, Tensor] | None = None,
+                 valid_dataset=None):
         self.cfg = cfg
         t, p = cfg.training, cfg.parallel
         self.dataset = dataset
@@ -73,12 +74,18 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp.no_sync
-        self.sampler = GlobalBatchSampler(
+        self.sampler = self._sampler(dataset, shuffle=True)
+        self.valid_dataset = valid_dataset
+        if valid_dataset is not None:  # the same batches at every evaluation
+            self.valid_sampler = self._sampler(valid_dataset, shuffle=False)
+        self.step = 0
+
+    def _sampler(self, dataset, shuffle: bool) -> GlobalBatchSampler:
+        t = self.cfg.training
+        return GlobalBatchSampler(
             len(dataset), t.global_batch_size, t.micro_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=parallel_state.get_data_parallel_world_size(), seed=t.seed,
-        )
-        self.step = 0
+            dp_size=parallel_state.get_data_parallel_world_size(), seed=t.seed, shuffle=shuffle)
 
     # -- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -94,13 +101,17 @@ class Trainer:
                        doc_starts=doc_starts, rope_seq_len=rope_seq_len)
         return output, partial(masked_token_loss, local["loss_mask"])
 
-    def forward_backward(self, step: int, forward_only: bool = False) -> float:
+    def forward_backward(self, step: int, forward_only: bool = False, validation: bool = False
+                         ) -> float:
         """Run all micro-batches of global batch ``step``; returns the mean token loss (all ranks).
 
         Gradients are left in ``param.main_grad`` (DP-reduced, divided by the token count).
+        ``validation``: batch ``step`` of the validation set instead of the training set.
         """
         t = self.cfg.training
-        micro = [collate(self.dataset, idx) for idx in self.sampler.micro_batches(step)]
+        dataset, sampler = ((self.valid_dataset, self.valid_sampler) if validation
+                            else (self.dataset, self.sampler))
+        micro = [collate(dataset, idx) for idx in sampler.micro_batches(step)]
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = get_forward_backward_func()(
@@ -125,6 +136,13 @@ class Trainer:
             dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
         return float(totals[0] / totals[1].clamp(min=1))
+
+    def evaluate(self) -> float:
+        """Mean token loss over ``eval_iters`` fixed validation batches."""
+        t = self.cfg.training
+        losses = [self.forward_backward(i, forward_only=True, validation=True)
+                  for i in range(t.eval_iters)]
+        return sum(losses) / len(losses)
 
     def current_lr(self, step: int) -> float:
         t = self.cfg.training
@@ -162,7 +180,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if on_log and (self.step % t.log_interval == 0 or self.step in (1, t.train_iters)):
+            if (self.valid_dataset is not None and t.eval_interval
+                    and (self.step % t.eval_interval == 0 or self.step == t.train_iters)):
+                metrics["validation_loss"] = self.evaluate()
+            if on_log and (self.step % t.log_interval == 0 or self.step in (1, t.train_iters)
+                           or "validation_loss" in metrics):
                 on_log(self.step, metrics)
             if t.save and (self.step == t.train_iters
                            or (t.save_interval and self.step % t.save_interval == 0)):

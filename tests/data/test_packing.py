@@ -11,7 +11,7 @@ from megatron_longctx.data.long_context_dataset import (
     BlendedDataset,
     PackedDataset,
     SampleOptions,
-    build_train_dataset,
+    build_blended_dataset,
     parse_blend,
     parse_upsample,
 )
@@ -103,7 +103,7 @@ def test_blend_proportions_within_2_percent(tmp_path):
         write_dataset(prefix, make_docs([40] * n, start_token=2 + 1000 * len(sources)))
         sources.append(prefix)
     data_path = ["0.7", sources[0], "0.2", sources[1], "0.1", sources[2]]
-    blend = build_train_dataset(data_path, "1", 10_000, options, seed=0)
+    blend = build_blended_dataset(data_path, "1", 10_000, options, seed=0)
     assert isinstance(blend, BlendedDataset) and len(blend) == 10_000
     share = np.bincount(blend.dataset_index, minlength=3) / 10_000
     np.testing.assert_allclose(share, [0.7, 0.2, 0.1], atol=0.02)
@@ -125,8 +125,8 @@ def test_length_upsampling_shifts_lengths_but_keeps_source_shares(tmp_path):
         write_dataset(prefix, make_docs(lengths.tolist()))
         prefixes.append(prefix)
     path = ["0.6", prefixes[0], "0.4", prefixes[1]]
-    plain = build_train_dataset(path, "1", 2000, options, seed=0)
-    upsampled = build_train_dataset(path, "1", 2000, options, seed=0,
+    plain = build_blended_dataset(path, "1", 2000, options, seed=0)
+    upsampled = build_blended_dataset(path, "1", 2000, options, seed=0,
                                     length_upsample=["256:0.1"])
 
     def long_token_share(ds):
@@ -166,4 +166,4 @@ def test_bad_upsample_specs():
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tools/preprocess_data.py"):
-        build_train_dataset([str(tmp_path / "nope")], "1", 10, SampleOptions(8, eod=EOD), 0)
+        build_blended_dataset([str(tmp_path / "nope")], "1", 10, SampleOptions(8, eod=EOD), 0)
