@@ -81,6 +81,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    # Transformer Engine's CP exchange (GPU + TE only); without TE, CP all-gathers keys/values
+    cp_comm_type: str = "p2p"
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
 
@@ -130,6 +132,9 @@ class ParallelConfig:
                 f"--pipeline-model-parallel-size {pp}; use a PP size dividing it "
                 f"({_divisors(model.num_layers)})."
             )
+        if self.cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
+            raise ValueError(f"--cp-comm-type must be p2p, all_gather, a2a or a2a+p2p, got "
+                             f"{self.cp_comm_type!r}")
         if self.sequence_parallel and tp == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
         if seq_length is not None:

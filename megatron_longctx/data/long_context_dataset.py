@@ -46,9 +46,9 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __init__(self, prefix: str, doc_range: tuple[int, int], num_samples: int,
                  options: SampleOptions, seed: int, upsample: tuple[int, float] | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, indexed=None):
         self.prefix, self.options = prefix, options
-        self.indexed = _open_indexed(prefix)
+        self.indexed = indexed if indexed is not None else _open_indexed(prefix)
         self.lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
         documents = np.arange(*doc_range, dtype=np.int64)
         if len(documents) == 0:
@@ -187,7 +187,8 @@ def build_blended_dataset(data_path: list[str], split: str, num_samples: int,
         doc_range = packing.split_documents(len(indexed.sequence_lengths), split)[split_index]
         # a little headroom so the greedy blend never runs a source dry
         needed = int(np.ceil(num_samples * w / total * 1.005)) + 1
-        datasets.append(PackedDataset(prefix, doc_range, needed, options, seed, up, cache_dir))
+        datasets.append(PackedDataset(prefix, doc_range, needed, options, seed, up, cache_dir,
+                                      indexed))
     if len(datasets) == 1:
         return datasets[0]
     return BlendedDataset(datasets, weights, num_samples)

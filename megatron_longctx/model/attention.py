@@ -25,6 +25,7 @@ from torch import Tensor
 
 from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
+from megatron_longctx.model.gpu_kernels import transformer_engine_attention
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
 
 
@@ -43,8 +44,9 @@ class AttentionContext(PackedSeqParams):
 class CoreAttention(MegatronModule):
     """``query [s, b, np, hn]``, ``key/value [s, b, ng, hn]`` -> ``[s, b, np * hn]``.
 
-    Plain causal attention uses torch's ``scaled_dot_product_attention`` (flash kernels on CPU
-    and GPU). Packed documents and context parallelism (keys/values all-gathered across the CP
+    Plain causal attention uses Transformer Engine's attention on GPUs that have it (see
+    ``gpu_kernels``), else torch's ``scaled_dot_product_attention`` (flash kernels on CPU and
+    GPU). Packed documents and context parallelism (keys/values all-gathered across the CP
     group) go through :func:`document_causal_attention`, also flash-based. No path builds an
     ``s x s`` mask.
     """
@@ -55,6 +57,11 @@ class CoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
         self.cp_group = pg_collection.cp if pg_collection is not None else None
+        te_attention = transformer_engine_attention()
+        self.te_attention = None if te_attention is None else te_attention(
+            config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+            attention_type=attention_type, attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
@@ -70,6 +77,9 @@ class CoreAttention(MegatronModule):
             key = apply_rotary(key, rotary.cos_k, rotary.sin_k, self.interleaved)
         s, b, heads, head_dim = query.shape
         doc_starts = getattr(packed_seq_params, "doc_starts", None)
+        if self.te_attention is not None and doc_starts is None:
+            # TE handles causal masking and, under CP, the exchange across ranks itself
+            return self.te_attention(query, key, value, None, attn_mask_type=AttnMaskType.causal)
         cp_size = self.config.context_parallel_size
         if cp_size > 1 or doc_starts is not None:
             chunks = [(0, s, 0)]

@@ -49,6 +49,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type=parallel.cp_comm_type,
         sequence_parallel=parallel.sequence_parallel,
         bf16=bf16,
         params_dtype=dtype,

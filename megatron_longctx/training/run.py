@@ -80,6 +80,7 @@ def describe(cfg: RunConfig, model, world_size: int) -> dict:
 
 def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # ours at INFO, theirs quieter
     env = distributed_env()
     try:
         cfg.validate(env.world_size)  # before any process group, data or model work

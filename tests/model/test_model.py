@@ -68,3 +68,35 @@ def test_packed_documents_equal_separate_runs(model_parallel):
             torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-5, atol=1e-5)
     # control: without document masking later documents see earlier ones
     assert not torch.allclose(packed[:, 8:], unmasked[:, 8:], atol=1e-3)
+
+
+def test_transformer_engine_attention_is_used_only_where_it_applies(model_parallel, monkeypatch):
+    """With TE (faked here: no GPU on CI), plain causal attention goes to TE's kernel with the
+    CP settings; packed documents keep our blockwise path."""
+    from megatron_longctx.model import attention as attention_module
+
+    calls = []
+
+    class FakeTE(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            calls.append(("init", kwargs["cp_comm_type"], kwargs["attn_mask_type"]))
+
+        def forward(self, q, k, v, mask, attn_mask_type=None):
+            calls.append(("forward", attn_mask_type))
+            return torch.zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
+
+    monkeypatch.setattr(attention_module, "transformer_engine_attention", lambda: FakeTE)
+    cfg = RunConfig()
+    cfg.parallel.cp_comm_type = "a2a"
+    model = build_model(cfg.model, cfg.parallel).eval()
+    # megatron-core hands cp_comm_type to the core attention only when CP > 1
+    assert model.config.cp_comm_type == "a2a" and calls[0][:2] == ("init", None)
+    assert len(calls) == cfg.model.num_layers
+    tokens, positions = torch.randint(0, 256, (1, 16)), torch.arange(16)[None]
+    with torch.no_grad():
+        model(tokens, positions, None)
+        assert [c[0] for c in calls[cfg.model.num_layers:]] == ["forward"] * cfg.model.num_layers
+        calls.clear()
+        model(tokens, positions, None, doc_starts=[[0, 5]])
+    assert calls == []
