@@ -1,7 +1,7 @@
 """Fixed-length training samples cut from one stream of documents joined by EOD.
 
 Sample ``i`` holds tokens ``[i*s, (i+1)*s]`` (``s+1`` tokens: inputs and shifted labels). This is
-the simple source used before indexed datasets exist; ``megatron_longctx.data.gpt_dataset``
+the zero-setup source (stdlib corpus); ``megatron_longctx.data.long_context_dataset``
 builds document-aware samples from Megatron ``.bin/.idx`` data.
 """
 
@@ -20,7 +20,7 @@ def stdlib_token_stream(tokenizer: ByteTokenizer | None = None, max_docs: int | 
     tokenizer = tokenizer or ByteTokenizer()
     parts = []
     for text in stdlib_documents(max_docs=max_docs):
-        parts.append(tokenizer.tokenize_array(text))
+        parts.append(np.asarray(tokenizer.tokenize(text), dtype=np.int32))
         parts.append(np.array([tokenizer.eod], dtype=np.int32))
     return np.concatenate(parts)
 

@@ -14,10 +14,10 @@ import yaml
 from tqdm import tqdm
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.byte_tokenizer import ByteTokenizer
 from megatron_longctx.data.long_context_dataset import SampleOptions, build_blended_dataset
 from megatron_longctx.data.packing import split_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.tokenizers import build_tokenizer
 from megatron_longctx.parallel.initialize import (
     distributed_env,
     init_process_group,
@@ -32,12 +32,7 @@ def build_datasets(cfg: RunConfig):
     """Training and validation datasets (the latter None without ``--eval-interval``); sets
     ``cfg.model.vocab_size`` from the tokenizer."""
     d, t = cfg.data, cfg.training
-    if d.data_path == ["stdlib"]:
-        tokenizer = ByteTokenizer()
-    else:
-        from megatron_longctx.data.tokenizers import build_tokenizer
-
-        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     cfg.model.vocab_size = tokenizer.vocab_size
     options = SampleOptions(t.seq_length, eod=tokenizer.eod,
                             reset_position_ids=d.reset_position_ids,
@@ -66,16 +61,15 @@ def _git_revision() -> str:
 
 
 def describe(cfg: RunConfig, model, world_size: int) -> dict:
+    """Parameter count and weight + fp32 grad + optimizer memory of this rank."""
     params_local = sum(p.numel() for p in model.parameters())
-    totals = {"parameters_this_rank": params_local}
-    # weights + fp32 grads + Adam moments (+ fp32 main weights with bf16), per rank
-    bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + 8 + (4 if cfg.training.bf16 else 0)
+    bf16 = cfg.training.bf16
+    optimizer_bytes = 12 if bf16 else 8  # Adam moments (+ fp32 main weights with bf16)
     if cfg.parallel.use_distributed_optimizer:
-        dp = cfg.parallel.data_parallel_size(world_size)
-        optimizer_bytes = 12 if cfg.training.bf16 else 8  # (fp32 main weights +) Adam moments
-        bytes_per_param = (2 if cfg.training.bf16 else 4) + 4 + optimizer_bytes / dp
-    totals["model_and_optimizer_gib_this_rank"] = round(params_local * bytes_per_param / 2**30, 4)
-    return totals
+        optimizer_bytes /= cfg.parallel.data_parallel_size(world_size)
+    bytes_per_param = (2 if bf16 else 4) + 4 + optimizer_bytes
+    return {"parameters_this_rank": params_local,
+            "model_and_optimizer_gib_this_rank": round(params_local * bytes_per_param / 2**30, 4)}
 
 
 def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
