@@ -21,11 +21,16 @@ class GlobalBatchSampler:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
+        self._orders: dict[int, np.ndarray] = {}  # the epochs in use (a step spans <= 2)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = (
+                np.random.default_rng((self.seed, epoch)).permutation(self.num_samples)
+                if self.shuffle else np.arange(self.num_samples))
+        return self._orders[epoch]
 
     def global_batch(self, step: int) -> np.ndarray:
         start = step * self.global_batch_size
