@@ -209,9 +209,6 @@ class TrainingConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
 
-    def num_microbatches(self, data_parallel_size: int) -> int:
-        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
-
 
 @dataclass
 class DataConfig:
@@ -240,6 +237,12 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(world_size, self.model, self.training.seq_length)
         self.training.validate(self.parallel.data_parallel_size(world_size))
+        import torch
+
+        blockwise = self.parallel.context_parallel_size > 1 or self.data.reset_attention_mask
+        if torch.cuda.is_available() and blockwise and not self.training.bf16:
+            raise ValueError("on GPUs, --reset-attention-mask and --context-parallel-size > 1 "
+                             "run on flash-attention kernels, which need --bf16")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

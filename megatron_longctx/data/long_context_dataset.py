@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.data import packing
+from megatron_longctx.data.indexed_reader import check_indexed_dataset
 
 
 @dataclass(frozen=True)
@@ -30,14 +31,16 @@ class SampleOptions:
 
 
 def _open_indexed(prefix: str):
+    """megatron-core's reader, after our O(1) checks (which name the file and the fix)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    for ext in (".idx", ".bin"):
-        if not os.path.isfile(prefix + ext):
-            raise FileNotFoundError(
-                f"{prefix + ext} not found: --data-path takes dataset prefixes (the path "
-                f"without .bin/.idx, e.g. data/corpus_text_document) made by "
-                f"tools/preprocess_data.py")
+    info = check_indexed_dataset(prefix, full=False)
+    if info.sequence_count != info.num_documents:
+        # packing, --split and document masks work on documents; Megatron-LM's
+        # --split-sentences datasets hold several sequences per document
+        raise ValueError(f"{prefix}: {info.sequence_count} sequences in {info.num_documents} "
+                         f"documents; only one sequence per document is supported (preprocess "
+                         f"without --split-sentences)")
     return IndexedDataset(prefix)
 
 

@@ -2,8 +2,8 @@
 
 A sample is ``seq_length + 1`` consecutive tokens (inputs and shifted labels) of the stream made
 by concatenating documents in a shuffled order; consecutive samples share one token, as in
-Megatron-LM's ``GPTDataset``. Index arrays are int64 numpy, built with vectorised operations so
-a billion-token epoch indexes in seconds.
+Megatron-LM's ``GPTDataset``. Index arrays are int64 numpy, built with vectorised operations
+(no per-sample Python loop) so a billion-token epoch indexes in seconds.
 """
 
 from __future__ import annotations
@@ -81,19 +81,20 @@ def sample_documents(order: np.ndarray, ordered_lengths: np.ndarray, index: np.n
 def blend_indices(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """Which dataset serves each blended sample, and its index within that dataset.
 
-    Greedy, as Megatron-LM's ``build_blending_indices``: sample ``i`` goes to the dataset
-    furthest below its target share ``w_d * (i + 1)``, so every prefix of the blend matches the
-    weights within one sample per dataset.
+    Dataset ``d``'s ``k``-th sample sits at the blend position ``(k + 1/2) / w_d``; merging
+    those positions interleaves the sources evenly, so every prefix of ``n`` samples holds
+    ``n * w_d`` (+-1) from each (as Megatron-LM's greedy ``build_blending_indices``, vectorised).
     """
     w = np.asarray(weights, dtype=np.float64)
     if len(w) == 0 or w.min() < 0 or w.sum() <= 0:
         raise ValueError(f"blend weights {weights} must be non-negative with a positive sum")
     w = w / w.sum()
-    dataset = np.empty(num_samples, dtype=np.int16)
-    within = np.empty(num_samples, dtype=np.int64)
-    counts = np.zeros(len(w), dtype=np.int64)
-    for i in range(num_samples):
-        d = int(np.argmax(w * (i + 1) - counts))
-        dataset[i], within[i] = d, counts[d]
-        counts[d] += 1
-    return dataset, within
+    counts = np.ceil(w * num_samples).astype(np.int64) + 1
+    positions = np.concatenate([(np.arange(n) + 0.5) / wd if wd > 0 else np.full(0, np.inf)
+                                for n, wd in zip(counts, w)])
+    labels = np.repeat(np.arange(len(w), dtype=np.int16), [n if wd > 0 else 0
+                                                           for n, wd in zip(counts, w)])
+    within = np.concatenate([np.arange(n) if wd > 0 else np.zeros(0, np.int64)
+                             for n, wd in zip(counts, w)])
+    order = np.argsort(positions, kind="stable")[:num_samples]
+    return labels[order], within[order]

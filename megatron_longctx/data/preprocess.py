@@ -172,7 +172,8 @@ class ChunkEncoder:
                 lens += 1
             flat = np.concatenate(per_key) if per_key else np.zeros(0, np.int32)
             if flat.size and (int(flat.max()) >= self.tokenizer.vocab_size or flat.min() < 0):
-                raise ValueError(f"the tokenizer produced id {int(flat.max())} outside its "
+                bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
+                raise ValueError(f"the tokenizer produced id {bad} outside its "
                                  f"vocab_size {self.tokenizer.vocab_size}; the output dtype "
                                  f"{self.dtype} is chosen from vocab_size, so it must be right.")
             tokens.append(flat.astype(self.dtype))

@@ -65,6 +65,7 @@ class CoreAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        # Llama trains without attention dropout; only the plain SDPA path would apply it
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.interleaved = config.rotary_interleaved
 

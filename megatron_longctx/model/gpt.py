@@ -116,8 +116,11 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
     """This rank's stage of the model (call after ``initialize_model_parallel``)."""
     config = transformer_config(model, parallel, bf16, training)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
-    return LongContextGPTModel(
+    gpt = LongContextGPTModel(
         config, model, vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    if torch.cuda.is_available():  # norms and rotary buffers are built on the CPU
+        gpt.cuda(torch.cuda.current_device())
+    return gpt

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from megatron_longctx.config import ModelConfig
+from megatron_longctx.rope.methods import ntk_base
 
 _LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -32,11 +33,13 @@ def hf_rope_parameters(model: ModelConfig) -> dict[str, Any]:
     if rope_type == "harpe":
         raise ValueError("HARPE (per-head bases) has no transformers rope_type; keep the "
                          "checkpoint in megatron_longctx format")
+    if params.pop("longrope_start_tokens", 0):
+        raise ValueError("transformers' longrope has no unscaled first n-hat positions "
+                         "(longrope_start_tokens); the exported model would differ there")
     if rope_type == "ntk":
         dim = int(model.head_dim * model.rotary_percent)
-        theta = params["rope_theta"] * params["factor"] ** (dim / (dim - 2))
-        return {"rope_type": "default", "rope_theta": theta}
-    params.pop("longrope_start_tokens", None)
+        params = {"rope_type": "default",
+                  "rope_theta": ntk_base(params.get("rope_theta", 10000.0), params["factor"], dim)}
     if model.rotary_percent != 1.0:
         params["partial_rotary_factor"] = model.rotary_percent
     return params

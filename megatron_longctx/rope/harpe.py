@@ -39,7 +39,8 @@ def waveform(base: float, dim: int, positions: int = WAVEFORM_POSITIONS) -> np.n
 
 
 def extrema(wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of strict interior local maxima (peaks) and minima (valleys)."""
+    """Positions of interior local maxima (peaks) and minima (valleys); on a plateau the first
+    sample counts."""
     left, mid, right = wave[:-2], wave[1:-1], wave[2:]
     peaks = np.nonzero((mid > left) & (mid >= right))[0] + 1
     valleys = np.nonzero((mid < left) & (mid <= right))[0] + 1

@@ -254,11 +254,15 @@ def linear_rope(p: ScaledParams, ctx: RopeContext) -> tuple[Tensor, float]:
     return base_inv_freq(p.rope_theta, ctx.dim)[None] / p.factor, 1.0
 
 
+def ntk_base(base: float, factor: float, dim: int) -> float:
+    """NTK-aware base: ``b' = b * s^(d/(d-2))`` (s=8, d=128, b=1e4 -> b'=82684.62)."""
+    return base * factor ** (dim / (dim - 2))
+
+
 @register("ntk", ScaledParams)
 def ntk_rope(p: ScaledParams, ctx: RopeContext) -> tuple[Tensor, float]:
-    """NTK-aware: ``b' = b * s^(d/(d-2))`` (s=8, d=128, b=1e4 -> b'=82684.62)."""
-    d = ctx.dim
-    return base_inv_freq(p.rope_theta * p.factor ** (d / (d - 2)), d)[None], 1.0
+    """NTK-aware scaling: a larger base, see :func:`ntk_base`."""
+    return base_inv_freq(ntk_base(p.rope_theta, p.factor, ctx.dim), ctx.dim)[None], 1.0
 
 
 @register("dynamic", DynamicParams)
@@ -334,7 +338,7 @@ def harpe_rope(p: HarpeParams, ctx: RopeContext) -> tuple[Tensor, float]:
     else:
         bases = harpe_bases(p.harpe_scheme, ctx.num_query_groups, p.harpe_base_min,
                             p.harpe_base_max, p.harpe_stride, ctx.dim)
-    return base_inv_freq(torch.tensor(bases, dtype=torch.float64), ctx.dim), 1.0
+    return base_inv_freq(torch.tensor(bases), ctx.dim), 1.0
 
 
 # -- entry point ---------------------------------------------------------------------------

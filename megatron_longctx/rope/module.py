@@ -41,6 +41,7 @@ class RotaryEmbedding(torch.nn.Module):
         inv_q, inv_k = self._local_rows(inv_freq)
         self.register_buffer("inv_freq_q", inv_q, persistent=False)
         self.register_buffer("inv_freq_k", inv_k, persistent=False)
+        self._by_length: dict[int, tuple[Tensor, Tensor, float]] = {}
 
     def _inv_freq(self, seq_len: int | None) -> tuple[Tensor, float]:
         return compute_inv_freq(self.rope_parameters, self.head_dim, self.num_attention_heads,
@@ -60,16 +61,21 @@ class RotaryEmbedding(torch.nn.Module):
         """Local (query rows, key rows, attention factor) for a sequence of ``seq_len``."""
         if self.rope_type not in LENGTH_DEPENDENT:
             return self.inv_freq_q, self.inv_freq_k, self.attention_factor
-        inv_freq, factor = self._inv_freq(seq_len)
-        inv_q, inv_k = self._local_rows(inv_freq.to(self.inv_freq_q.device))
-        return inv_q, inv_k, factor
+        # validated once in __init__; a few lengths per run, so keep their results
+        if seq_len not in self._by_length:
+            if len(self._by_length) >= 16:
+                self._by_length.clear()
+            inv_freq, factor = self._inv_freq(seq_len)
+            self._by_length[seq_len] = (*self._local_rows(inv_freq.to(self.inv_freq_q.device)),
+                                        factor)
+        return self._by_length[seq_len]
 
     def _tables(self, inv_freq: Tensor, position_ids: Tensor, factor: float,
                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         angles = rotary_angles(inv_freq, position_ids)  # [s, b, h, d/2]
         if self.start_tokens <= 0:
             return cos_sin(angles, factor, dtype)
-        theta = self.rope_parameters["rope_theta"]
+        theta = self.rope_parameters.get("rope_theta", 10000.0)  # LongRopeParams' default
         dim = inv_freq.shape[-1] * 2
         unscaled = rotary_angles(base_inv_freq(theta, dim).to(inv_freq.device)[None], position_ids)
         early = (position_ids < self.start_tokens).transpose(0, 1)[:, :, None, None]  # [s,b,1,1]

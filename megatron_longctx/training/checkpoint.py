@@ -97,8 +97,14 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None) -> str:
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump({"step": trainer.step, "config": trainer.cfg.to_dict(), **(extra or {})},
                       f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if os.path.isdir(final):  # re-saving a step: never leave the tracker without a target
+            stale = final + ".replaced"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(trainer.step))

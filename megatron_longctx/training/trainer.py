@@ -94,7 +94,8 @@ class Trainer:
         rope_seq_len = int(batch["position_ids"].max()) + 1
         cp_rank = parallel_state.get_context_parallel_rank()
         cp_size = parallel_state.get_context_parallel_world_size()
-        local = {k: slice_for_cp_rank(batch[k], cp_rank, cp_size)
+        device = torch.cuda.current_device()  # the CPU on CPU machines (cpu_adapter)
+        local = {k: slice_for_cp_rank(batch[k], cp_rank, cp_size).to(device, non_blocking=True)
                  for k in ("tokens", "labels", "loss_mask", "position_ids")}
         doc_starts = batch.get("doc_starts") if self.cfg.data.reset_attention_mask else None
         output = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
@@ -126,7 +127,7 @@ class Trainer:
         return self._global_mean_loss(reports)
 
     def _global_mean_loss(self, reports: list[dict]) -> float:
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
         if parallel_state.is_pipeline_last_stage():
             for report in reports:
                 totals += report["lm loss"].double()
@@ -135,7 +136,7 @@ class Trainer:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
-        return float(totals[0] / totals[1].clamp(min=1))
+        return float(totals[0] / totals[1].clamp(min=1))  # syncs: the loss is logged each step
 
     def evaluate(self) -> float:
         """Mean token loss over ``eval_iters`` fixed validation batches."""

@@ -149,6 +149,16 @@ def test_length_upsampling_shifts_lengths_but_keeps_source_shares(tmp_path):
     assert seen_short < 0.35 * short
 
 
+def test_datasets_with_several_sequences_per_document_are_refused(tmp_path):
+    prefix = str(tmp_path / "sentences")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    builder.add_document(torch.arange(10, dtype=torch.int32), [4, 6])  # two "sentences"
+    builder.add_document(torch.arange(5, dtype=torch.int32), [5])
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(ValueError, match="3 sequences in 2 documents"):
+        build_blended_dataset([prefix], "1", 1, SampleOptions(4, eod=EOD), 0)
+
+
 @pytest.mark.parametrize("value,match", [
     (["0.5", "a", "b"], "WEIGHT PREFIX"), (["x", "a", "y", "b"], "weights must be numbers")])
 def test_bad_blend_specs(value, match):
@@ -165,5 +175,5 @@ def test_bad_upsample_specs():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tools/preprocess_data.py"):
+    with pytest.raises(ValueError, match=r"nope.idx does not exist.*Preprocessing writes"):
         build_blended_dataset([str(tmp_path / "nope")], "1", 10, SampleOptions(8, eod=EOD), 0)
