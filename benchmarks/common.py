@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 
 import torch
@@ -36,3 +37,39 @@ def write_markdown(path: str, title: str, header: list[str], rows: list[list], n
     with open(path, "w") as f:
         f.write(text)
     return text
+
+
+class PeakRSS:
+    """Sum of RSS over a process and its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02):
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.process] + self.process.children(recursive=True)
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                return
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +27,7 @@ def worker(seq: int, cp: int, out: str, steps: int) -> None:
     import psutil
     import torch.distributed as dist
 
+    from benchmarks.common import PeakRSS
     from megatron_longctx.config import RunConfig
     from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
     from megatron_longctx.parallel.initialize import (
@@ -47,24 +47,15 @@ def worker(seq: int, cp: int, out: str, steps: int) -> None:
     initialize_model_parallel(cfg.parallel, t.seed)
     trainer = Trainer(cfg, TokenStreamDataset(stdlib_token_stream(max_docs=400), seq))
     trainer.train_step()  # warm-up: allocator and optimizer state settle
-    proc = psutil.Process()
-    baseline, peak, stop = proc.memory_info().rss, [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    baseline = psutil.Process().memory_info().rss
+    peak = PeakRSS(os.getpid(), interval=0.002)
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     elapsed = (time.perf_counter() - start) / steps
-    stop.set()
-    sampler.join()
+    activation = (peak.stop() - baseline) / 2**20
     with open(f"{out}.rank{dist.get_rank()}", "w") as f:
-        json.dump({"step_s": elapsed, "activation_mib": (peak[0] - baseline) / 2**20}, f)
+        json.dump({"step_s": elapsed, "activation_mib": activation}, f)
 
 
 def launch(seq: int, cp: int, steps: int) -> dict:

@@ -22,13 +22,12 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import write_markdown  # noqa: E402
+from benchmarks.common import PeakRSS, write_markdown  # noqa: E402
 from megatron_longctx.data.indexed_reader import check_indexed_dataset  # noqa: E402
 from megatron_longctx.data.jsonl_reader import DocumentReader  # noqa: E402
 from megatron_longctx.data.sentencepiece_trainer import (  # noqa: E402
@@ -58,42 +57,6 @@ def sp_model(workdir: str, one_pass: str, vocab: int) -> str:
             inputs=[one_pass], output_prefix=prefix, vocab_size=vocab,
             max_sentences=300_000, input_sentence_size=300_000))
     return prefix + ".model"
-
-
-class PeakRSS:
-    """Sum of RSS over a process and its descendants, sampled in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.02):
-        import psutil
-
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            try:
-                procs = [self.process] + self.process.children(recursive=True)
-                total = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                self.peak = max(self.peak, total)
-            except psutil.Error:
-                return
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 def run_pipeline(path: str, model: str, workers: int, out_prefix: str) -> dict:
