@@ -192,12 +192,14 @@ class IndexedDatasetWriter:
         self.token_count += tokens.size
         self._push(lengths.astype(np.int32, copy=False), ends)
 
-    def add_index(self, prefix: str) -> None:
+    def add_index(self, prefix: str, info=None) -> None:
         """Append a whole existing dataset (streaming; like ``IndexedDatasetBuilder.add_index``).
+
+        ``info``: the result of ``check_indexed_dataset(prefix)`` if the caller already has it.
         """
         from megatron_longctx.data.indexed_reader import check_indexed_dataset
 
-        info = check_indexed_dataset(prefix)
+        info = info or check_indexed_dataset(prefix)
         if info.dtype != self.dtype:
             raise ValueError(f"{info.idx_path} stores {info.dtype} tokens but this dataset "
                              f"stores {self.dtype}; datasets can only be merged with the same "
@@ -340,5 +342,5 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> None:
                          f"they come from tokenizers of different vocabulary sizes.")
     with IndexedDatasetWriter(output_prefix, infos[0].dtype) as writer:
         for info in infos:
-            writer.add_index(info.prefix)
+            writer.add_index(info.prefix, info)
         writer.finalize()
