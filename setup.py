@@ -20,9 +20,12 @@ setup(
         "psutil>=5.9",  # megatron-core's dist_checkpointing needs it
         "matplotlib>=3.8",  # PNG plots of results (HARPE waveforms, eval curves)
         "zstandard>=0.22",  # .jsonl.zst inputs of tools/preprocess_data.py
+        "tensorboard>=2.14",  # --tensorboard-dir (torch's SummaryWriter needs it)
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6", "pyarrow>=14"],
+        # wandb pinned exactly for the tests: tests/training/test_metrics.py reads its offline
+        # .wandb file format back
+        "dev": ["pytest>=8", "transformers>=4.56", "ruff>=0.6", "pyarrow>=14", "wandb==0.31.0"],
         "parquet": ["pyarrow>=14"],  # .parquet inputs of tools/preprocess_data.py
         "wandb": ["wandb>=0.17"],
         # Provided by NVIDIA NGC PyTorch images; building them needs CUDA toolchains.

@@ -14,7 +14,7 @@ import os
 import typing
 from typing import Any
 
-from megatron_longctx.config import RunConfig
+from megatron_longctx.config import RunConfig, chain_stages, load_stages
 
 
 def float_list(value: str) -> list[float]:
@@ -52,8 +52,19 @@ ROPE_FLAGS = {
 }
 
 
+# Megatron-LM's own spellings, accepted beside the generated ones
+FLAG_ALIASES = {
+    "override_opt_param_scheduler": ["--override-opt_param-scheduler"],
+    "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler"],
+}
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _flags(name: str) -> list[str]:
+    return [_flag(name), *FLAG_ALIASES.get(name, [])]
 
 
 def _arg_type(tp: Any):
@@ -66,7 +77,8 @@ def _arg_type(tp: Any):
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe (sections model/parallel/training/data)")
+    parser.add_argument("--config", help="YAML recipe (sections model/parallel/training/data/"
+                        "checkpoint/logging, optionally a list of stages)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, build the model, print sizes, and exit")
     defaults = RunConfig()
@@ -82,14 +94,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             hints[f.name] = section.name
             default = getattr(section_obj, f.name)
             if tp is bool:
-                group.add_argument(_flag(f.name), dest=f.name,
+                group.add_argument(*_flags(f.name), dest=f.name,
                                    action=argparse.BooleanOptionalAction,
                                    help=f"(default: {default})")
             elif typing.get_origin(tp) is list:
-                group.add_argument(_flag(f.name), dest=f.name, nargs="+",
+                group.add_argument(*_flags(f.name), dest=f.name, nargs="+",
                                    type=typing.get_args(tp)[0], help=f"(default: {default})")
             else:
-                group.add_argument(_flag(f.name), dest=f.name, type=tp,
+                group.add_argument(*_flags(f.name), dest=f.name, type=tp,
                                    help=f"(default: {default})")
     rope = parser.add_argument_group(
         "rope", "RoPE method and parameters (HF rope_parameters; see megatron_longctx/rope)")
@@ -99,12 +111,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    given = vars(args).copy()
-    sections = given.pop("_sections")
-    path = given.pop("config", None)
-    given.pop("dry_run", None)
-    cfg = RunConfig.from_yaml(path) if path else RunConfig()
+def _apply_flags(cfg: RunConfig, given: dict[str, Any], sections: dict[str, str]) -> RunConfig:
     for name, value in given.items():
         if name in ROPE_FLAGS:
             key, _ = ROPE_FLAGS[name]
@@ -114,8 +121,33 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
+    """One config per stage of the recipe (one without ``stages:``); command-line flags apply
+    to every stage."""
+    given = vars(args).copy()
+    sections = given.pop("_sections")
+    path = given.pop("config", None)
+    given.pop("dry_run", None)
+    stages = load_stages(path) if path else [RunConfig()]
+    return chain_stages([_apply_flags(cfg, given, sections) for cfg in stages])
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    configs = configs_from_args(args)
+    if len(configs) != 1:
+        raise ValueError(f"the recipe has {len(configs)} stages; run it with tools/pretrain.py")
+    return configs[0]
+
+
 def parse_config(argv: list[str] | None = None, description: str = ""
                  ) -> tuple[RunConfig, argparse.Namespace]:
     parser = build_parser(description)
     args = parser.parse_args(argv)
     return config_from_args(argparse.Namespace(**vars(args))), args
+
+
+def parse_stages(argv: list[str] | None = None, description: str = ""
+                 ) -> tuple[list[RunConfig], argparse.Namespace]:
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    return configs_from_args(argparse.Namespace(**vars(args))), args

@@ -9,6 +9,8 @@ work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,17 +159,41 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+WD_INCR_STYLES = ("constant", "linear", "cosine")
+
+
 @dataclass
 class TrainingConfig:
     seq_length: int = 256
     micro_batch_size: int = 2
     global_batch_size: int = 8
-    train_iters: int = 100
+    # run length: iterations or samples (Megatron-LM: exactly one of them)
+    train_iters: int | None = None
+    train_samples: int | None = None
+    # learning-rate and weight-decay schedule: megatron-core's OptimizerParamScheduler with
+    # Megatron-LM's flags; counted in samples, so --train-samples runs schedule identically
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_warmup_init: float = 0.0
     lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_warmup_fraction: float | None = None
+    lr_warmup_samples: int = 0
+    lr_decay_iters: int | None = None  # default: --train-iters
+    lr_decay_samples: int | None = None  # default: --train-samples
+    lr_decay_style: str = "linear"
+    lr_wsd_decay_style: str = "exponential"
+    lr_wsd_decay_iters: int | None = None
+    lr_wsd_decay_samples: int | None = None
     weight_decay: float = 0.01
+    start_weight_decay: float | None = None  # default: --weight-decay
+    end_weight_decay: float | None = None
+    weight_decay_incr_style: str = "constant"
+    # a resumed run keeps the checkpoint's schedule (use-checkpoint) or takes these flags
+    # (override); by default the two must agree
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -179,17 +205,30 @@ class TrainingConfig:
     recompute_granularity: str | None = None  # None | selective | full
     recompute_method: str = "uniform"  # full: uniform | block
     recompute_num_layers: int = 1  # full: layers per recompute chunk (uniform) or count (block)
-    log_interval: int = 10
     eval_interval: int | None = None  # validation loss every N steps (on the --split valid part)
     eval_iters: int = 10  # validation global batches per evaluation
-    save: str | None = None  # checkpoint root (Megatron-LM layout); saved at the end too
-    save_interval: int | None = None
-    load: str | None = None  # resume from the latest checkpoint here (may equal --save)
+    # stopping: a non-finite loss or gradient stops the run before the update (never saved)
+    check_for_nan_in_loss_and_grad: bool = True
+    exit_signal_handler: bool = False  # SIGTERM/SIGUSR1: finish the iteration, save, exit 0
+    exit_duration_in_mins: float | None = None
+    exit_interval: int | None = None  # stop (and save) at the first iteration divisible by N
+    peak_tflops: float | None = None  # MFU denominator; default: known GPU table / CPU matmul
+
+    @property
+    def iterations(self) -> int:
+        """Iterations of the run (from --train-samples when that is given)."""
+        if self.train_iters is not None:
+            return self.train_iters
+        return (self.train_samples or 0) // self.global_batch_size
 
     def validate(self, data_parallel_size: int) -> None:
-        if self.seq_length <= 0 or self.micro_batch_size <= 0 or self.train_iters < 0:
-            raise ValueError("--seq-length and --micro-batch-size must be positive, "
-                             "--train-iters non-negative.")
+        if self.seq_length <= 0 or self.micro_batch_size <= 0:
+            raise ValueError("--seq-length and --micro-batch-size must be positive.")
+        if (self.train_iters is None) == (self.train_samples is None):
+            raise ValueError("give exactly one of --train-iters and --train-samples "
+                             f"(got {self.train_iters} and {self.train_samples}).")
+        if (self.train_iters or 0) < 0 or (self.train_samples or 0) < 0:
+            raise ValueError("--train-iters/--train-samples must be non-negative.")
         if self.global_batch_size % (self.micro_batch_size * data_parallel_size):
             raise ValueError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
@@ -197,9 +236,13 @@ class TrainingConfig:
                 f"{data_parallel_size} = {self.micro_batch_size * data_parallel_size}; make it "
                 f"a multiple of {self.micro_batch_size * data_parallel_size}."
             )
-        if self.lr_decay_style not in ("cosine", "linear", "constant"):
-            raise ValueError(f"--lr-decay-style must be cosine, linear or constant, got "
-                             f"{self.lr_decay_style!r}")
+        for flag, value, allowed in (("--lr-decay-style", self.lr_decay_style, LR_DECAY_STYLES),
+                                     ("--lr-wsd-decay-style", self.lr_wsd_decay_style,
+                                      WSD_DECAY_STYLES),
+                                     ("--weight-decay-incr-style", self.weight_decay_incr_style,
+                                      WD_INCR_STYLES)):
+            if value not in allowed:
+                raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(f"--recompute-granularity must be selective or full, got "
                              f"{self.recompute_granularity!r}")
@@ -208,6 +251,54 @@ class TrainingConfig:
                              f"{self.recompute_method!r}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
+        if self.lr_warmup_init > self.lr:
+            raise ValueError(f"--lr-warmup-init {self.lr_warmup_init} exceeds --lr {self.lr}.")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ValueError("--override-opt_param-scheduler and "
+                             "--use-checkpoint-opt_param-scheduler exclude each other; pick one.")
+        if self.exit_interval is not None and self.exit_interval <= 0:
+            raise ValueError(f"--exit-interval must be positive, got {self.exit_interval}")
+        from megatron_longctx.training.schedule import schedule_steps
+
+        schedule_steps(self)  # warmup/decay consistency, in the flags' own terms
+
+
+@dataclass
+class CheckpointConfig:
+    """Where weights come from and go to (Megatron-LM's flags and semantics)."""
+
+    save: str | None = None  # checkpoint root (Megatron-LM layout); saved at the end too
+    save_interval: int | None = None
+    load: str | None = None  # resume from the latest checkpoint here (may equal --save)
+    # weights only, used when --load holds no checkpoint yet: one command starts and resumes
+    pretrained_checkpoint: str | None = None
+    finetune: bool = False  # weights from --load, iteration 0, fresh optimizer and RNG
+    load_optim: bool = True
+    load_rng: bool = True
+    save_optim: bool = True
+    save_rng: bool = True
+    exit_on_missing_checkpoint: bool = False
+    use_checkpoint_args: bool = False  # model shape from the checkpoint's metadata
+    ckpt_step: int | None = None  # load this iteration instead of the latest
+    keep_last: int | None = None  # delete older checkpoints once a newer one is complete
+
+    def validate(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.finetune and not self.load:
+            raise ValueError("--finetune loads weights from --load; give --load DIR (or use "
+                             "--pretrained-checkpoint DIR).")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None  # WANDB_MODE=offline works without a network
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None  # default: --save
 
 
 @dataclass
@@ -232,11 +323,16 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int) -> None:
         self.model.validate()
         self.parallel.validate(world_size, self.model, self.training.seq_length)
         self.training.validate(self.parallel.data_parallel_size(world_size))
+        self.checkpoint.validate()
+        if self.logging.log_interval < 1:
+            raise ValueError(f"--log-interval must be >= 1, got {self.logging.log_interval}")
         import torch
 
         blockwise = self.parallel.context_parallel_size > 1 or self.data.reset_attention_mask
@@ -249,6 +345,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a recipe is a mapping of sections, got {type(raw).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(raw) - set(sections)
         if unknown:
@@ -258,15 +356,122 @@ class RunConfig:
         for f in dataclasses.fields(cls):
             section_cls = f.default_factory  # type: ignore[misc]
             values = raw.get(f.name) or {}
-            names = {sf.name for sf in dataclasses.fields(section_cls)}
-            bad = set(values) - names
+            if not isinstance(values, dict):
+                raise ValueError(f"section '{f.name}' must be a mapping, got {values!r}")
+            hints = typing.get_type_hints(section_cls)
+            bad = set(values) - set(hints)
             if bad:
                 raise ValueError(f"unknown keys in section '{f.name}': {sorted(bad)}; "
-                                 f"known: {sorted(names)}")
-            kwargs[f.name] = section_cls(**values)
+                                 f"known: {sorted(hints)}")
+            kwargs[f.name] = section_cls(**{k: _typed(f"{f.name}.{k}", v, hints[k])
+                                            for k, v in values.items()})
         return cls(**kwargs)
 
     @classmethod
     def from_yaml(cls, path: str) -> RunConfig:
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+        stages = load_stages(path)
+        if len(stages) != 1:
+            raise ValueError(f"{path} has {len(stages)} stages; load it with load_stages()")
+        return stages[0]
+
+
+def _typed(where: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against a field's annotation. YAML reads ``3e-4`` as a string and
+    ``"false"`` stays a string: both would be used silently otherwise."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif origin is dict:  # rope_parameters: YAML 1.1 reads 1.0e6 (no sign) as a string
+        ok = isinstance(value, dict)
+        value = {k: _yaml_number(v) for k, v in value.items()} if ok else value
+    elif origin is list:
+        ok = isinstance(value, list)
+        value = [str(v) for v in value] if ok and typing.get_args(tp) == (str,) else value
+    else:
+        ok = isinstance(value, origin)
+    if not ok:
+        name = getattr(tp, "__name__", str(tp))
+        raise ValueError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _yaml_number(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_yaml_number(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``; nested sections merge, ``rope_parameters`` is replaced
+    whole (a stage that switches RoPE method must not inherit the old method's keys)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and \
+                key != "rope_parameters":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_stages(path: str) -> list[RunConfig]:
+    """The configs of a YAML recipe: one, or one per entry of its ``stages:`` list (each
+    deep-merged over the recipe's top level)."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    stages = raw.pop("stages", None)
+    if stages is None:
+        return [RunConfig.from_dict(raw)]
+    if not isinstance(stages, list) or not stages or \
+            not all(isinstance(s, dict) for s in stages):
+        raise ValueError(f"{path}: 'stages' must be a non-empty list of mappings")
+    configs = []
+    for k, stage in enumerate(stages, start=1):
+        try:
+            configs.append(RunConfig.from_dict(_deep_merge(raw, stage)))
+        except ValueError as err:
+            raise ValueError(f"{path}, stage {k}: {err}") from None
+    return configs
+
+
+def chain_stages(configs: list[RunConfig]) -> list[RunConfig]:
+    """Stage k saves to and resumes from ``<save>/stage_<k>`` (TensorBoard: ``<dir>/stage_<k>``)
+    and stage k+1 starts from stage k's final weights (``--pretrained-checkpoint`` semantics:
+    fresh optimizer, schedule and RNG)."""
+    if len(configs) < 2:
+        return configs
+    for k, cfg in enumerate(configs, start=1):
+        ck = cfg.checkpoint
+        if not ck.save:
+            raise ValueError("a recipe with stages needs checkpoint.save (or --save): each stage "
+                             "saves to <save>/stage_<k> and the next starts from it")
+        ck.save = ck.load = os.path.join(ck.save, f"stage_{k}")
+        if cfg.logging.tensorboard_dir:
+            cfg.logging.tensorboard_dir = os.path.join(cfg.logging.tensorboard_dir, f"stage_{k}")
+        if cfg.logging.wandb_exp_name:
+            cfg.logging.wandb_exp_name = f"{cfg.logging.wandb_exp_name}-stage_{k}"
+        if k > 1:
+            ck.pretrained_checkpoint = configs[k - 2].checkpoint.save
+    return configs

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from megatron_longctx.arguments import parse_config
+from megatron_longctx.arguments import parse_config, parse_stages
 
 
 def test_flags_use_megatron_names_and_override_yaml(tmp_path):
@@ -36,7 +36,8 @@ def test_pretrain_refuses_bad_layout_before_work():
 
 
 def test_pretrain_dry_run_reports_model_size():
-    proc = subprocess.run([sys.executable, "tools/pretrain.py", "--dry-run", "--num-layers", "3"],
+    proc = subprocess.run([sys.executable, "tools/pretrain.py", "--dry-run", "--num-layers", "3",
+                           "--train-iters", "5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"parameters_this_rank"' in proc.stderr and "num_layers: 3" in proc.stderr
@@ -62,3 +63,45 @@ def test_rope_config_errors_surface_in_validate():
                            "--num-query-groups", "2"])
     with pytest.raises(ValueError, match="has 3 bases; give one per KV group \\(2\\)"):
         cfg.validate(world_size=1)
+
+
+@pytest.mark.parametrize("recipe,world,stages", [
+    ("examples/quickstart.yaml", 1, 1),
+    ("examples/llama2_7b_abf_3stage.yaml", 32, 3),
+    ("examples/llama2_7b_harpe_128k.yaml", 32, 1),
+])
+def test_example_recipes_validate_for_their_stated_layout(recipe, world, stages):
+    configs, _ = parse_stages(["--config", recipe])
+    assert len(configs) == stages
+    for cfg in configs:
+        cfg.validate(world_size=world)
+    if stages == 3:
+        thetas = [c.model.rope_parameters["rope_theta"] for c in configs]
+        assert thetas == [1e6, 2e6, 5e6]
+        assert [c.training.seq_length for c in configs] == [32768, 65536, 131072]
+        assert [c.checkpoint.save for c in configs] == [
+            f"runs/llama2_7b_abf/stage_{k}" for k in (1, 2, 3)]
+        assert configs[2].checkpoint.pretrained_checkpoint == "runs/llama2_7b_abf/stage_2"
+        assert configs[0].checkpoint.pretrained_checkpoint == "checkpoints/llama2-7b"
+
+
+def test_yaml_values_are_type_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training: {lr: 3e-4, train_iters: 5}\n")  # PyYAML reads 3e-4 as a str
+    assert parse_config(["--config", str(recipe)])[0].training.lr == 3e-4
+    for bad, match in (("training: {train_iters: 2.7}", "training.train_iters: expected int"),
+                       ("data: {reset_attention_mask: 'false'}",
+                        "data.reset_attention_mask: expected bool"),
+                       ("stages: [{training: {lr: fast}}]", "stage 1: training.lr: expected")):
+        recipe.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=match):
+            parse_config(["--config", str(recipe)])
+
+
+def test_megatron_underscore_spellings_are_accepted():
+    cfg, _ = parse_config(["--override-opt_param-scheduler", "--no-load-optim",
+                           "--no-check-for-nan-in-loss-and-grad", "--train-samples", "64"])
+    assert cfg.training.override_opt_param_scheduler is True
+    assert cfg.checkpoint.load_optim is False
+    assert cfg.training.check_for_nan_in_loss_and_grad is False
+    assert cfg.training.iterations == 64 // cfg.training.global_batch_size

@@ -7,23 +7,36 @@ every rank has finished, and the tracker file is replaced atomically afterwards,
 interrupted save never becomes the checkpoint a resume picks up. Model and optimizer state are
 saved as global (unsharded-view) tensors, so a run can resume under another TP/PP/DP layout
 (distributed-optimizer state: see ``_sharded_state``).
-The learning rate and the data position are pure functions of the step (no extra state).
+
+Besides the shards, the common part holds Megatron-LM's ``common.pt`` fields (``args``: our
+config, ``iteration``, ``checkpoint_version``, ``opt_param_scheduler``) and megatron-core's
+``content_metadata`` (our schema version and the layout it was written with); RNG states are
+saved per (PP, TP) rank. The data position is a pure function of the iteration.
 """
 
 from __future__ import annotations
 
-import json
+import glob
 import logging
 import os
+import random
+import re
 import shutil
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_longctx.training.faults import maybe_fault
 
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's current common.pt version
+SCHEMA = "megatron_longctx"
+SCHEMA_VERSION = 1
 
 
 def step_dir(root: str, step: int) -> str:
@@ -60,21 +73,58 @@ def _restore_adamw_step(optimizer, step: int) -> None:
                 state["step"] = torch.full_like(state["step"], float(step))
 
 
-def _sharded_state(trainer, is_loading: bool) -> dict:
-    model = trainer.model.sharded_state_dict()
-    kwargs = {}
-    if trainer.cfg.parallel.use_distributed_optimizer:
-        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+def _rng_state() -> dict:
+    return {"random": random.getstate(), "np": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
-        # With apex/TE's FusedAdam the state reshards across every layout. torch's AdamW (CPU)
-        # keeps a per-parameter "step" that megatron-core 0.16's fully reshardable format
-        # drops on load, so there the state reshards across DP sizes only.
-        sharding = "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"
-        kwargs["metadata"] = {"distrib_optim_sharding_type": sharding}
-        if is_loading:
-            _materialize_optimizer_state(trainer.optimizer)
-    optimizer = trainer.optimizer.sharded_state_dict(model, is_loading=is_loading, **kwargs)
-    return {"model": model, "optimizer": optimizer}
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "cp": parallel_state.get_context_parallel_world_size()}
+
+
+def _rng_object(state: dict | None) -> ShardedObject:
+    # one entry per (PP, TP) rank, as Megatron-LM: DP/CP replicas hold the same state
+    layout = _layout()
+    return ShardedObject(
+        "rng_state", state, (layout["pp"], layout["tp"]),
+        (parallel_state.get_pipeline_model_parallel_rank(),
+         parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _sharded_state(trainer, is_loading: bool, *, optim: bool = True, rng: bool = True) -> dict:
+    model = trainer.model.sharded_state_dict()
+    state = {"model": model}
+    if optim:
+        kwargs = {}
+        if trainer.cfg.parallel.use_distributed_optimizer:
+            from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+            # With apex/TE's FusedAdam the state reshards across every layout. torch's AdamW
+            # (CPU) keeps a per-parameter "step" that megatron-core 0.16's fully reshardable
+            # format drops on load, so there the state reshards across DP sizes only.
+            sharding = "fully_reshardable" if HAVE_APEX_OR_TE else "dp_reshardable"
+            kwargs["metadata"] = {"distrib_optim_sharding_type": sharding}
+            if is_loading:
+                _materialize_optimizer_state(trainer.optimizer)
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                                                  **kwargs)
+    if rng:
+        state["rng_state"] = _rng_object(None if is_loading else _rng_state())
+    return state
 
 
 def _barrier() -> None:
@@ -82,8 +132,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(trainer, root: str, extra: dict | None = None) -> str:
-    """Save model + optimizer at ``trainer.step``; returns the checkpoint directory."""
+def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bool = True,
+                    keep_last: int | None = None) -> str:
+    """Save model (+ optimizer, scheduler, RNG) at ``trainer.step``; returns its directory.
+    With ``keep_last`` older checkpoints are deleted once this one is complete."""
     final = step_dir(root, trainer.step)
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -91,12 +143,17 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted earlier
         os.makedirs(tmp)
     _barrier()
-    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
+    state = _sharded_state(trainer, is_loading=False, optim=save_optim, rng=save_rng)
+    state.update(args=trainer.cfg.to_dict(), iteration=trainer.step,
+                 checkpoint_version=CHECKPOINT_VERSION)
+    if save_optim:
+        state["opt_param_scheduler"] = trainer.scheduler.state_dict()
+    metadata = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **_layout(),
+                "optimizer": save_optim, "rng": save_rng}
+    dist_checkpointing.save(state, tmp, content_metadata=metadata)
+    maybe_fault("save", trainer.step)
     _barrier()
     if rank == 0:
-        with open(os.path.join(tmp, "run.json"), "w") as f:
-            json.dump({"step": trainer.step, "config": trainer.cfg.to_dict(), **(extra or {})},
-                      f, indent=1)
         if os.path.isdir(final):  # re-saving a step: never leave the tracker without a target
             stale = final + ".replaced"
             shutil.rmtree(stale, ignore_errors=True)
@@ -110,8 +167,21 @@ def save_checkpoint(trainer, root: str, extra: dict | None = None) -> str:
             f.write(str(trainer.step))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
         logger.info("saved checkpoint %s", final)
+        if keep_last:
+            for old in completed_steps(root)[:-keep_last]:
+                shutil.rmtree(step_dir(root, old))
     _barrier()
     return final
+
+
+def completed_steps(root: str) -> list[int]:
+    """Iterations of the complete (renamed) checkpoints under ``root``, ascending."""
+    steps = []
+    for path in glob.glob(os.path.join(root, "iter_*")):
+        match = re.fullmatch(r"iter_(\d+)", os.path.basename(path))
+        if match and os.path.isdir(path):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
 
 
 def latest_step(root: str) -> int | None:
@@ -132,18 +202,60 @@ def latest_step(root: str) -> int | None:
     return step
 
 
-def load_checkpoint(trainer, root: str) -> bool:
-    """Load the latest checkpoint under ``root`` into the trainer; False if there is none."""
-    step = latest_step(root)
+def resolve_checkpoint(root: str, step: int | None = None) -> str | None:
+    """The directory of iteration ``step`` (default: the latest) under ``root``; None when
+    ``root`` holds no checkpoint. ``root`` may also be an ``iter_*`` directory itself."""
+    if os.path.isfile(os.path.join(root, "common.pt")) or \
+            os.path.isfile(os.path.join(root, "metadata.json")):
+        return root
     if step is None:
-        return False
+        step = latest_step(root)
+        if step is None:
+            return None
+    path = step_dir(root, step)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--ckpt-step {step}: {path} does not exist (complete "
+                                f"checkpoints: {completed_steps(root)})")
+    return path
+
+
+def load_common(path: str) -> dict:
+    """The common part of a checkpoint (``args``, ``iteration``, ``opt_param_scheduler``...)."""
+    return dist_checkpointing.load_common_state_dict(path)
+
+
+def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bool = True,
+                    weights_only: bool = False) -> int:
+    """Load the checkpoint in directory ``path`` into the trainer; returns its iteration.
+
+    ``weights_only``: model weights only (``--pretrained-checkpoint``, ``--finetune``): the
+    trainer keeps iteration 0, its fresh optimizer, schedule and RNG.
+    """
+    common = load_common(path)
+    meta = common.get("content_metadata") or {}
+    if weights_only:
+        load_optim = load_rng = False
+    load_optim = load_optim and meta.get("optimizer", True)
+    if load_rng and (not meta.get("rng", True) or
+                     (meta.get("tp"), meta.get("pp")) != (_layout()["tp"], _layout()["pp"])):
+        load_rng = False  # saved without, or another (TP, PP) layout: as Megatron-LM, skip
+        logger.info("checkpoint RNG state not restored (not saved or layout changed)")
     with torch.no_grad():  # the optimizer copies into views of parameters
-        state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True),
-                                        step_dir(root, step))
+        state = dist_checkpointing.load(
+            _sharded_state(trainer, is_loading=True, optim=load_optim, rng=load_rng), path)
         trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.cfg.parallel.use_distributed_optimizer:
-            _restore_adamw_step(trainer.optimizer, step)
-    trainer.step = step
-    logger.info("resumed from %s (step %d)", step_dir(root, step), step)
-    return True
+        if load_optim:
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            if trainer.cfg.parallel.use_distributed_optimizer:
+                _restore_adamw_step(trainer.optimizer, int(common["iteration"]))
+    if weights_only:
+        return 0
+    if load_optim and "opt_param_scheduler" in common:
+        from megatron_longctx.training.schedule import load_scheduler_state
+
+        load_scheduler_state(trainer.scheduler, common["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(state["rng_state"])
+    trainer.step = int(common["iteration"])
+    logger.info("resumed from %s (iteration %d)", path, trainer.step)
+    return trainer.step

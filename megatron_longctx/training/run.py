@@ -7,11 +7,10 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
+import torch
 import torch.distributed as dist
 import yaml
-from tqdm import tqdm
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.long_context_dataset import SampleOptions, build_blended_dataset
@@ -19,11 +18,23 @@ from megatron_longctx.data.packing import split_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.data.tokenizers import build_tokenizer
 from megatron_longctx.parallel.initialize import (
+    destroy,
     distributed_env,
     init_process_group,
     initialize_model_parallel,
 )
-from megatron_longctx.training.checkpoint import load_checkpoint
+from megatron_longctx.training.checkpoint import (
+    TRACKER,
+    latest_step,
+    load_checkpoint,
+    load_common,
+    resolve_checkpoint,
+)
+from megatron_longctx.training.pretrained import (
+    apply_checkpoint_args,
+    check_checkpoint_shapes,
+    rope_change,
+)
 
 logger = logging.getLogger("megatron_longctx")
 
@@ -43,7 +54,7 @@ def build_datasets(cfg: RunConfig):
         (a, b), (c, e), _ = split_documents(len(tokens), d.split)  # token ranges here
         valid = TokenStreamDataset(tokens[c:e], t.seq_length, options) if evaluate else None
         return TokenStreamDataset(tokens[a:b], t.seq_length, options), valid
-    train = build_blended_dataset(d.data_path, d.split, t.train_iters * t.global_batch_size,
+    train = build_blended_dataset(d.data_path, d.split, t.iterations * t.global_batch_size,
                                   options, t.seed, d.length_upsample, d.data_cache_path)
     valid = None
     if evaluate:
@@ -72,41 +83,139 @@ def describe(cfg: RunConfig, model, world_size: int) -> dict:
             "model_and_optimizer_gib_this_rank": round(params_local * bytes_per_param / 2**30, 4)}
 
 
-def main(cfg: RunConfig, dry_run: bool = False) -> list[float]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # ours at INFO, theirs quieter
-    env = distributed_env()
-    try:
-        cfg.validate(env.world_size)  # before any process group, data or model work
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    init_process_group(env)
+def _checkpoint_to_load(cfg: RunConfig) -> tuple[str | None, bool]:
+    """The checkpoint directory this run starts from, and whether it is weights only.
+
+    Megatron-LM's semantics: ``--load`` resumes its latest checkpoint (``--ckpt-step``: that
+    iteration; ``--finetune``: weights only); when ``--load`` holds none yet, the weights of
+    ``--pretrained-checkpoint`` start the run, so one command both starts and resumes it.
+    """
+    ck = cfg.checkpoint
+    path = resolve_checkpoint(ck.load, ck.ckpt_step) if ck.load else None
+    if path:
+        return path, ck.finetune
+    if ck.load:
+        if ck.exit_on_missing_checkpoint:
+            raise ValueError(f"--load {ck.load} holds no checkpoint "
+                             f"(--exit-on-missing-checkpoint)")
+        logger.warning("--load %s holds no checkpoint yet: starting from %s", ck.load,
+                       ck.pretrained_checkpoint or "random weights")
+    if ck.pretrained_checkpoint:
+        path = resolve_checkpoint(ck.pretrained_checkpoint)
+        if path is None:
+            raise ValueError(f"--pretrained-checkpoint {ck.pretrained_checkpoint} holds no "
+                             f"checkpoint (no {TRACKER}); give the save directory of a "
+                             f"finished run or one of its iter_* directories")
+        return path, True
+    return None, False
+
+
+def _write_run_record(cfg: RunConfig) -> None:
+    os.makedirs(cfg.checkpoint.save, exist_ok=True)
+    with open(os.path.join(cfg.checkpoint.save, "run.yaml"), "w") as f:
+        yaml.safe_dump({"config": cfg.to_dict(), "git_revision": _git_revision(),
+                        "command": sys.argv}, f, sort_keys=False)
+
+
+def prepare_stage(cfg: RunConfig, world_size: int):
+    """Validate, set up groups, data and model, and load the starting weights: the trainer,
+    ready at its first iteration (0, or the resumed one)."""
+    path, weights_only = _checkpoint_to_load(cfg)
+    saved_args = load_common(path).get("args") or {} if path else {}
+    if cfg.checkpoint.use_checkpoint_args:
+        if not path:
+            raise ValueError("--use-checkpoint-args needs a checkpoint in --load or "
+                             "--pretrained-checkpoint")
+        apply_checkpoint_args(cfg, saved_args)
+    cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
     dataset, valid_dataset = build_datasets(cfg)
     from megatron_longctx.training.trainer import Trainer
 
     trainer = Trainer(cfg, dataset, valid_dataset=valid_dataset)
-    if cfg.training.load and load_checkpoint(trainer, cfg.training.load):
-        logger.info("resuming at step %d of %d", trainer.step, cfg.training.train_iters)
-    is_last = dist.get_rank() == dist.get_world_size() - 1
+    if path:
+        check_checkpoint_shapes(trainer.model, path)
+        change = rope_change(saved_args, cfg.model)
+        if change and dist.get_rank() == world_size - 1:
+            logger.info(change)
+        ck = cfg.checkpoint
+        load_checkpoint(trainer, path, load_optim=ck.load_optim, load_rng=ck.load_rng,
+                        weights_only=weights_only)
+        logger.info("%s %s: starting at iteration %d of %d",
+                    "weights from" if weights_only else "resumed", path, trainer.step,
+                    cfg.training.iterations)
+    return trainer
+
+
+def run_stage(cfg: RunConfig, world_size: int, dry_run: bool = False) -> str:
+    """Prepare and train one stage; returns its exit reason."""
+    trainer = prepare_stage(cfg, world_size)
+    is_last = dist.get_rank() == world_size - 1
     if is_last:
         logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        logger.info("model: %s", json.dumps(describe(cfg, trainer.model, env.world_size)))
+        logger.info("model: %s", json.dumps(describe(cfg, trainer.model, world_size)))
     if dry_run:
-        return []
-    if cfg.training.save and dist.get_rank() == 0:
-        os.makedirs(cfg.training.save, exist_ok=True)
-        with open(os.path.join(cfg.training.save, "run.yaml"), "w") as f:
-            yaml.safe_dump({"config": cfg.to_dict(), "git_revision": _git_revision(),
-                            "command": sys.argv}, f, sort_keys=False)
+        return "dry_run"
+    if cfg.checkpoint.save and dist.get_rank() == 0:
+        _write_run_record(cfg)
+    from megatron_longctx.training.flops import num_floating_point_operations, peak_tflops
+    from megatron_longctx.training.loop import train
+    from megatron_longctx.training.metrics import MetricsLogger
 
-    def log(step: int, metrics: dict) -> None:
-        if is_last:
-            tqdm.write(
-                f"{time.strftime('%H:%M:%S')} step {step} | loss {metrics['loss']:.4f} | "
-                f"lr {metrics['lr']:.3e} | grad norm {metrics['grad_norm']:.3f} | "
-                f"{metrics['tokens_per_s']:.0f} tokens/s"
-                + (f" | validation loss {metrics['validation_loss']:.4f}"
-                   if "validation_loss" in metrics else ""))
+    log = cfg.logging
+    metrics = MetricsLogger(save_dir=cfg.checkpoint.save, tensorboard_dir=log.tensorboard_dir,
+                            wandb_project=log.wandb_project, wandb_exp_name=log.wandb_exp_name,
+                            wandb_save_dir=log.wandb_save_dir, config=cfg.to_dict(),
+                            resume_iteration=trainer.step, enabled=is_last)
+    try:
+        t = cfg.training
+        flops = num_floating_point_operations(cfg.model, t.seq_length, t.global_batch_size,
+                                              tp=cfg.parallel.tensor_model_parallel_size)
+        return train(trainer, metrics, flops_per_iteration=flops,
+                     peak_tflops=peak_tflops(torch.bfloat16 if t.bf16 else torch.float32,
+                                             t.peak_tflops))
+    finally:
+        metrics.close()
 
-    return trainer.train(on_log=log)
+
+def stage_finished(cfg: RunConfig) -> bool:
+    """True when the stage's save directory holds its final checkpoint."""
+    save = cfg.checkpoint.save
+    step = latest_step(save) if save and os.path.isdir(save) else None
+    return step is not None and step >= cfg.training.iterations
+
+
+def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False) -> str:
+    """Run the stages in order (a finished stage is skipped: rerunning the same command
+    resumes); returns the last exit reason. Every exit path shuts the process groups down."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # ours at INFO, theirs quieter
+    stages = stages if isinstance(stages, list) else [stages]
+    env = distributed_env()
+    try:
+        for cfg in stages:  # every stage's layout, before any process group or work
+            cfg.validate(env.world_size)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    init_process_group(env)
+    reason = "finished"
+    try:
+        for k, cfg in enumerate(stages, start=1):
+            if len(stages) > 1:
+                if stage_finished(cfg) and not dry_run:
+                    logger.info("stage %d/%d already finished (%s)", k, len(stages),
+                                cfg.checkpoint.save)
+                    continue
+                logger.info("stage %d/%d: %s", k, len(stages), cfg.checkpoint.save)
+            reason = run_stage(cfg, env.world_size, dry_run)
+            if reason not in ("finished", "dry_run"):
+                break  # preempted: the rerun resumes this stage
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    except FloatingPointError as err:
+        raise SystemExit(f"error: {err}. Stopped before the update; the last checkpoint "
+                         f"saved is the last good one (lower --lr, check the data, or resume "
+                         f"from it with a different --seed).") from None
+    finally:
+        destroy()
+    return reason

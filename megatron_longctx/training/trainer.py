@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+import math
 from functools import partial
 
 import torch
@@ -24,8 +23,8 @@ from megatron_longctx.model import build_model
 from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
 from megatron_longctx.training.batches import GlobalBatchSampler, collate
-from megatron_longctx.training.checkpoint import save_checkpoint
-from megatron_longctx.training.schedule import learning_rate
+from megatron_longctx.training.faults import maybe_poison_weights
+from megatron_longctx.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +70,7 @@ class Trainer:
             ),
             [self.ddp],
         )
+        self.scheduler = build_scheduler(t, self.optimizer)  # sets iteration 0's rate
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp.no_sync
@@ -145,50 +145,40 @@ class Trainer:
                   for i in range(t.eval_iters)]
         return sum(losses) / len(losses)
 
-    def current_lr(self, step: int) -> float:
-        t = self.cfg.training
-        return learning_rate(step, lr=t.lr, min_lr=t.min_lr, warmup_iters=t.lr_warmup_iters,
-                             total_iters=t.train_iters, style=t.lr_decay_style)
+    def _nonfinite_gradients(self) -> bool:
+        """True on every rank when any rank holds a NaN/inf gradient.
+
+        megatron-core reports non-finite gradients only through the fp16 loss scaler; in fp32
+        and bf16 the update would go ahead and poison the weights, so we look before it.
+        """
+        bad = any(not torch.isfinite(buffer.grad_data).all() for buffer in self.ddp.buffers)
+        flag = torch.tensor([float(bad)], device=torch.cuda.current_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def train_step(self) -> dict[str, float]:
-        lr = self.current_lr(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """One iteration: forward/backward of the global batch, then the update.
+
+        Raises ``FloatingPointError`` before the update when the loss or a gradient is not
+        finite (``--check-for-nan-in-loss-and-grad``): the weights stay as they were.
+        """
+        t = self.cfg.training
+        lr = self.optimizer.param_groups[0]["lr"]  # set by the scheduler for this iteration
+        maybe_poison_weights(self.model, self.step + 1)
         loss = self.forward_backward(self.step)
+        if t.check_for_nan_in_loss_and_grad:
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"iteration {self.step + 1}: lm loss is {loss}")
+            if self._nonfinite_gradients():
+                raise FloatingPointError(f"iteration {self.step + 1}: NaN/inf gradients "
+                                         f"(loss {loss:.4f})")
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
-            raise FloatingPointError(f"optimizer step {self.step} skipped (inf/NaN gradients)")
+            raise FloatingPointError(f"iteration {self.step + 1}: update skipped (inf/NaN "
+                                     f"gradients)")
+        self.scheduler.step(increment=t.global_batch_size)
         self.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm or 0.0)}
-
-    # -- the loop ---------------------------------------------------------------------------
-    def train(self, on_log: Callable[[int, dict[str, float]], None] | None = None
-              ) -> list[float]:
-        t = self.cfg.training
-        tokens_per_step = t.global_batch_size * t.seq_length
-        losses = []
-        show = dist.get_rank() == dist.get_world_size() - 1
-        start = time.perf_counter()
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.train_iters, initial=self.step, disable=not show, unit="step",
-                   dynamic_ncols=True)
-        while self.step < t.train_iters:
-            metrics = self.train_step()
-            losses.append(metrics["loss"])
-            elapsed = time.perf_counter() - start
-            metrics["tokens_per_s"] = tokens_per_step * len(losses) / elapsed
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                            tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if (self.valid_dataset is not None and t.eval_interval
-                    and (self.step % t.eval_interval == 0 or self.step == t.train_iters)):
-                metrics["validation_loss"] = self.evaluate()
-            if on_log and (self.step % t.log_interval == 0 or self.step in (1, t.train_iters)
-                           or "validation_loss" in metrics):
-                on_log(self.step, metrics)
-            if t.save and (self.step == t.train_iters
-                           or (t.save_interval and self.step % t.save_interval == 0)):
-                save_checkpoint(self, t.save)
-        bar.close()
-        return losses
+        metrics = {"lm_loss": loss, "lr": lr}
+        if grad_norm is not None and t.clip_grad > 0:  # computed only when clipping
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics

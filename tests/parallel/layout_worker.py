@@ -141,7 +141,7 @@ def step0_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def train_losses(trainer: Trainer) -> list[float]:
-    return [trainer.train_step()["loss"] for _ in range(STEPS)]
+    return [trainer.train_step()["lm_loss"] for _ in range(STEPS)]
 
 
 def reference(out: str) -> None:

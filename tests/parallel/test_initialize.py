@@ -55,6 +55,7 @@ def test_context_parallel_needs_sequence_divisible_by_2cp():
 def test_global_batch_divisible_by_micro_times_dp():
     cfg = RunConfig()
     cfg.training.global_batch_size, cfg.training.micro_batch_size = 6, 2
+    cfg.training.train_iters = 10
     with pytest.raises(ValueError, match="multiple of 4"):
         cfg.validate(world_size=2)
     cfg.validate(world_size=3)

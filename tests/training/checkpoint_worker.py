@@ -15,7 +15,11 @@ import torch.distributed as dist
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
-from megatron_longctx.training.checkpoint import load_checkpoint, save_checkpoint
+from megatron_longctx.training.checkpoint import (
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from megatron_longctx.training.trainer import Trainer
 
 
@@ -37,13 +41,13 @@ def trainer(cfg: RunConfig) -> Trainer:
 def uninterrupted_and_resumed(layout: dict, ckpt: str) -> tuple[list[float], list[float]]:
     """Losses of 4 straight steps, and of 2 steps + save + a fresh trainer resuming 2 more."""
     straight = trainer(config(**layout))
-    uninterrupted = [straight.train_step()["loss"] for _ in range(4)]
+    uninterrupted = [straight.train_step()["lm_loss"] for _ in range(4)]
     first = trainer(config(**layout))  # same seed and layout: same initial weights
-    before = [first.train_step()["loss"] for _ in range(2)]
+    before = [first.train_step()["lm_loss"] for _ in range(2)]
     save_checkpoint(first, ckpt)
     resumed = trainer(config(**layout))
-    assert load_checkpoint(resumed, ckpt) and resumed.step == 2
-    return uninterrupted, before + [resumed.train_step()["loss"] for _ in range(2)]
+    assert load_checkpoint(resumed, resolve_checkpoint(ckpt)) == 2 and resumed.step == 2
+    return uninterrupted, before + [resumed.train_step()["lm_loss"] for _ in range(2)]
 
 
 def main(out: str) -> None:
@@ -51,8 +55,8 @@ def main(out: str) -> None:
     tp2 = dict(tensor_model_parallel_size=2)
     uninterrupted, resumed = uninterrupted_and_resumed(tp2, os.path.join(out, "ckpt"))
     other = trainer(config(pipeline_model_parallel_size=2))  # TP=2 checkpoint -> PP=2 run
-    assert load_checkpoint(other, os.path.join(out, "ckpt")) and other.step == 2
-    resharded = resumed[:2] + [other.train_step()["loss"] for _ in range(2)]
+    assert load_checkpoint(other, resolve_checkpoint(os.path.join(out, "ckpt"))) == 2
+    resharded = resumed[:2] + [other.train_step()["lm_loss"] for _ in range(2)]
     # distributed optimizer (DP=2), resumed in the same layout
     d_uninterrupted, d_resumed = uninterrupted_and_resumed(
         dict(use_distributed_optimizer=True), os.path.join(out, "ckpt_distopt"))

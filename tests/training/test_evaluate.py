@@ -1,15 +1,21 @@
 """Validation loss: fixed batches from the held-out split, no parameter change."""
 
+import json
+import math
+
 import numpy as np
+import pytest
 import torch
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.long_context_dataset import SampleOptions, build_blended_dataset
+from megatron_longctx.training import loop
+from megatron_longctx.training.metrics import MetricsLogger
 from megatron_longctx.training.run import build_datasets
 from megatron_longctx.training.trainer import Trainer
 
 
-def test_evaluate_is_deterministic_and_tracks_training(model_parallel):
+def test_evaluate_is_deterministic_and_tracks_training(model_parallel, tmp_path):
     cfg = RunConfig()
     cfg.training.seq_length, cfg.training.train_iters = 128, 12
     cfg.training.eval_interval, cfg.training.eval_iters = 6, 2
@@ -21,10 +27,17 @@ def test_evaluate_is_deterministic_and_tracks_training(model_parallel):
     first, again = trainer.evaluate(), trainer.evaluate()
     assert first == again
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
-    logged = {}
-    trainer.train(on_log=lambda step, m: logged.update({step: m}))
-    assert set(k for k, m in logged.items() if "validation_loss" in m) == {6, 12}
-    assert logged[12]["validation_loss"] < first - 0.5
+    metrics = MetricsLogger(save_dir=str(tmp_path), tensorboard_dir=None, wandb_project=None,
+                            wandb_exp_name=None, wandb_save_dir=None, config={},
+                            resume_iteration=0, enabled=True)
+    assert loop.train(trainer, metrics, flops_per_iteration=1.0, peak_tflops=1.0) == "finished"
+    metrics.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validated = {r["iteration"]: r for r in rows if "validation_lm_loss" in r}
+    assert set(validated) == {6, 12}
+    assert validated[12]["validation_lm_loss"] < first - 0.5
+    assert validated[12]["validation_ppl"] == pytest.approx(
+        math.exp(validated[12]["validation_lm_loss"]))
 
 
 def test_validation_split_uses_only_held_out_documents(tmp_path):
