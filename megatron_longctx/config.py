@@ -213,6 +213,8 @@ class TrainingConfig:
     exit_duration_in_mins: float | None = None
     exit_interval: int | None = None  # stop (and save) at the first iteration divisible by N
     peak_tflops: float | None = None  # MFU denominator; default: known GPU table / CPU matmul
+    # the loss is also reported by position bucket (bounds, in tokens) and by blend source
+    loss_position_buckets: list[int] = field(default_factory=lambda: [4096, 32768])
 
     @property
     def iterations(self) -> int:

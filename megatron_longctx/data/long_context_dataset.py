@@ -121,10 +121,13 @@ def _cached(cache_dir: str, key: dict, build):
 
 
 class BlendedDataset(torch.utils.data.Dataset):
-    """Samples drawn from several datasets in proportion to ``weights``."""
+    """Samples drawn from several datasets in proportion to ``weights``; each sample says which
+    source it came from (``source``: its index in ``names``), for the loss by source."""
 
-    def __init__(self, datasets: list, weights: list[float], num_samples: int):
+    def __init__(self, datasets: list, weights: list[float], num_samples: int,
+                 names: list[str] | None = None):
         self.datasets = datasets
+        self.names = names or [str(d) for d in range(len(datasets))]
         self.dataset_index, self.sample_index = packing.blend_indices(weights, num_samples)
         for d, ds in enumerate(datasets):
             needed = int((self.dataset_index == d).sum())
@@ -135,7 +138,9 @@ class BlendedDataset(torch.utils.data.Dataset):
         return len(self.dataset_index)
 
     def __getitem__(self, i: int) -> dict:
-        return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
+        source = int(self.dataset_index[i])
+        return {**self.datasets[source][int(self.sample_index[i])],
+                "source": torch.tensor(source)}
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[float], list[str]]:
@@ -194,4 +199,5 @@ def build_blended_dataset(data_path: list[str], split: str, num_samples: int,
                                       indexed))
     if len(datasets) == 1:
         return datasets[0]
-    return BlendedDataset(datasets, weights, num_samples)
+    names = [os.path.basename(p).removesuffix("_text_document") for p in prefixes]
+    return BlendedDataset(datasets, weights, num_samples, names)

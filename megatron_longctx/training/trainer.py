@@ -29,16 +29,29 @@ from megatron_longctx.training.schedule import build_scheduler
 logger = logging.getLogger(__name__)
 
 
-def masked_token_loss(loss_mask: Tensor, output_tensor: Tensor):
+def masked_token_loss(loss_mask: Tensor, groups: Tensor, num_groups: int,
+                      output_tensor: Tensor):
     """Sum of per-token losses over valid tokens, and their count.
 
     Returning the count lets megatron-core normalise by the number of valid tokens of the whole
     global batch (across micro-batches and DP/CP ranks), not by a per-micro-batch mean.
+    ``groups [k, b*s]``: each token's group under k groupings (position bucket, blend source),
+    reported as ``[num_groups, 2]`` loss sums and token counts.
     """
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (output_tensor.reshape(-1).float() * mask).sum()
+    losses = output_tensor.reshape(-1).float() * mask
+    loss_sum = losses.sum()
     num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+    by_group = torch.zeros(num_groups, 2, dtype=torch.float64, device=losses.device)
+    for index in groups:
+        by_group[:, 0].index_add_(0, index, losses.detach().double())
+        by_group[:, 1].index_add_(0, index, mask.double())
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()]),
+                                  "groups": by_group}
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
 
 
 class Trainer:
@@ -79,6 +92,13 @@ class Trainer:
         if valid_dataset is not None:  # the same batches at every evaluation
             self.valid_sampler = self._sampler(valid_dataset, shuffle=False)
         self.step = 0
+        # loss groups: position buckets (position ids as the model sees them), blend sources
+        bounds = t.loss_position_buckets
+        self._bucket_bounds = torch.tensor(bounds, device=torch.cuda.current_device())
+        edges = [0, *bounds]
+        self.group_names = [f"pos_{_short(a)}_{_short(b)}" for a, b in zip(edges, bounds)]
+        self.group_names.append(f"pos_{_short(edges[-1])}_plus")
+        self.group_names += [f"source_{n}" for n in getattr(dataset, "names", [])]
 
     def _sampler(self, dataset, shuffle: bool) -> GlobalBatchSampler:
         t = self.cfg.training
@@ -100,11 +120,19 @@ class Trainer:
         doc_starts = batch.get("doc_starts") if self.cfg.data.reset_attention_mask else None
         output = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
                        doc_starts=doc_starts, rope_seq_len=rope_seq_len)
-        return output, partial(masked_token_loss, local["loss_mask"])
+        buckets = torch.bucketize(local["position_ids"].reshape(-1), self._bucket_bounds,
+                                  right=True)
+        groups = [buckets]
+        if "source" in batch and len(self.group_names) > len(self._bucket_bounds) + 1:
+            source = batch["source"].to(device)[:, None].expand_as(local["tokens"])
+            groups.append(source.reshape(-1) + len(self._bucket_bounds) + 1)
+        return output, partial(masked_token_loss, local["loss_mask"], torch.stack(groups),
+                               len(self.group_names))
 
     def forward_backward(self, step: int, forward_only: bool = False, validation: bool = False
-                         ) -> float:
-        """Run all micro-batches of global batch ``step``; returns the mean token loss (all ranks).
+                         ) -> dict[str, float]:
+        """Run all micro-batches of global batch ``step``; returns the mean token loss
+        (``lm_loss``) and the loss by position bucket and by blend source, on every rank.
 
         Gradients are left in ``param.main_grad`` (DP-reduced, divided by the token count).
         ``validation``: batch ``step`` of the validation set instead of the training set.
@@ -126,22 +154,30 @@ class Trainer:
         )
         return self._global_mean_loss(reports)
 
-    def _global_mean_loss(self, reports: list[dict]) -> float:
-        totals = torch.zeros(2, dtype=torch.float64, device=torch.cuda.current_device())
+    def _global_mean_loss(self, reports: list[dict]) -> dict[str, float]:
+        # [1 + groups, 2]: (loss sum, token count) of the whole batch, then of each group
+        totals = torch.zeros(1 + len(self.group_names), 2, dtype=torch.float64,
+                             device=torch.cuda.current_device())
         if parallel_state.is_pipeline_last_stage():
             for report in reports:
-                totals += report["lm loss"].double()
+                totals[0] += report["lm loss"].double()
+                totals[1:] += report["groups"]
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
                 with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
-        return float(totals[0] / totals[1].clamp(min=1))  # syncs: the loss is logged each step
+        totals = totals.tolist()  # syncs: the loss is logged each step
+        result = {"lm_loss": totals[0][0] / max(totals[0][1], 1)}
+        if len(self.group_names) > 1:  # one bucket and one source say nothing new
+            result.update({f"lm_loss_{name}": s / n for name, (s, n)
+                           in zip(self.group_names, totals[1:]) if n > 0})
+        return result
 
     def evaluate(self) -> float:
         """Mean token loss over ``eval_iters`` fixed validation batches."""
         t = self.cfg.training
-        losses = [self.forward_backward(i, forward_only=True, validation=True)
+        losses = [self.forward_backward(i, forward_only=True, validation=True)["lm_loss"]
                   for i in range(t.eval_iters)]
         return sum(losses) / len(losses)
 
@@ -165,7 +201,8 @@ class Trainer:
         t = self.cfg.training
         lr = self.optimizer.param_groups[0]["lr"]  # set by the scheduler for this iteration
         maybe_poison_weights(self.model, self.step + 1)
-        loss = self.forward_backward(self.step)
+        report = self.forward_backward(self.step)
+        loss = report["lm_loss"]
         if t.check_for_nan_in_loss_and_grad:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"iteration {self.step + 1}: lm loss is {loss}")
@@ -178,7 +215,7 @@ class Trainer:
                                      f"gradients)")
         self.scheduler.step(increment=t.global_batch_size)
         self.step += 1
-        metrics = {"lm_loss": loss, "lr": lr}
+        metrics = {**report, "lr": lr}
         if grad_norm is not None and t.clip_grad > 0:  # computed only when clipping
             metrics["grad_norm"] = float(grad_norm)
         return metrics

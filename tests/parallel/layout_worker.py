@@ -134,7 +134,7 @@ def dataset(cfg: RunConfig, variant: str):
 
 
 def step0_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
-    loss = trainer.forward_backward(0)
+    loss = trainer.forward_backward(0)["lm_loss"]
     params = local_parameters(trainer.model)
     grads = {n: p.main_grad.detach().clone() for n, p in params.items()}
     return loss, full_tensors(trainer.model, grads)
