@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=2, help="timed steps (best of), after one "
                                                               "warm-up step")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                       "train_step.md"))
@@ -170,12 +171,22 @@ def main() -> None:
     print("matmul peak TFLOP/s:", {d: round(p, 3) for d, p in first.items()}, flush=True)
 
     results: dict[tuple, dict] = {}
+    loads = []
     for seq in args.seqs:
         for dtype in args.dtypes:
-            for impl in IMPLS:
-                r = results[seq, dtype, impl] = launch(impl, seq, dtype, args.steps,
-                                                       args.timeout)
-                print(seq, dtype, impl, r, flush=True)
+            # rounds alternate the implementations, so load from other users of the shared
+            # cores hits both alike; the fastest step and the highest peak memory are kept
+            for _ in range(args.rounds):
+                for impl in IMPLS:
+                    r = launch(impl, seq, dtype, args.steps, args.timeout)
+                    loads.append(os.getloadavg()[0])
+                    print(seq, dtype, impl, r, f"load {loads[-1]:.1f}", flush=True)
+                    kept = results.setdefault((seq, dtype, impl), r)
+                    if "error" in kept or "error" in r:
+                        results[seq, dtype, impl] = r if "error" in r else kept
+                        continue
+                    kept["step_s"] = min(kept["step_s"], r["step_s"])
+                    kept["peak_rss_gib"] = max(kept["peak_rss_gib"], r["peak_rss_gib"])
     last = {d: measure_matmul_peak_tflops(torch_dtypes[d], seconds=2.0) for d in args.dtypes}
     peaks = {d: max(first[d], last[d]) for d in args.dtypes}
 
@@ -214,20 +225,23 @@ def main() -> None:
         ["seq", "dtype", "implementation", "tokens/s", "peak RSS GiB", "MFU", "loss step 1"],
         rows,
         "Tiny Llama (4 layers, hidden 256, 8 heads / 2 KV groups, FFN 688, vocabulary 32000), "
-        "micro-batch 1, forward + backward + AdamW step (gradient clipping 1.0), best of "
-        f"{args.steps} steps after one warm-up, 2 threads; same initial weights and samples on "
-        "both sides (equal step-1 losses show it). Ours: `Trainer.train_step()` (megatron-core "
-        "DDP and optimizer; bf16 = bf16 weights with fp32 master weights and fp32 gradient "
-        "buffers). transformers: `LlamaForCausalLM(attn_implementation='sdpa')` + "
-        "`torch.optim.AdamW`; bf16 = `torch.autocast` over fp32 weights (its Trainer's bf16). "
-        "Peak RSS: the configuration's own process (`ru_maxrss`), imports and setup included. "
+        "micro-batch 1, forward + backward + AdamW step (gradient clipping 1.0), 2 threads. "
+        f"Tokens/s: the fastest of {args.steps} steps after one warm-up, over {args.rounds} "
+        "runs per configuration alternating ours and transformers; peak RSS: the highest of "
+        "those runs, each configuration in its own process (`ru_maxrss`, imports and setup "
+        "included). Same initial weights and samples on both sides (equal step-1 losses show "
+        "it). Ours: `Trainer.train_step()` (megatron-core DDP and optimizer; bf16 = bf16 "
+        "weights, fp32 master weights and fp32 gradient buffers). transformers: "
+        "`LlamaForCausalLM(attn_implementation='sdpa')` + `torch.optim.AdamW`; bf16 = "
+        "`torch.autocast` over fp32 weights (its Trainer's bf16). "
         "MFU: `megatron_longctx.training.flops.num_floating_point_operations` (Megatron-LM's "
         f"formula, causal attention halved: {flops_summary(run_config, args.seqs)}) per second "
         "over the matmul peak of the same dtype measured in this run "
         "(`measure_matmul_peak_tflops`, 2048x2048, the better of a reading before and one "
         f"after the configurations: {_readings(first, last)}). Load average (1 min) "
-        f"{load_before:.1f} before, {load_after:.1f} after: the 2 cores are shared, so "
-        "timings are noisy. "
+        f"{load_before:.1f} before, {min(loads):.1f} to {max(loads):.1f} after each "
+        f"configuration, {load_after:.1f} at the end: the 2 cores are shared with other "
+        "work, so timings are noisy. "
         "Command: `python benchmarks/train_step.py`.")
     print(text)
 

@@ -283,6 +283,7 @@ class CheckpointConfig:
     use_checkpoint_args: bool = False  # model shape from the checkpoint's metadata
     ckpt_step: int | None = None  # load this iteration instead of the latest
     keep_last: int | None = None  # delete older checkpoints once a newer one is complete
+    async_save: bool = False  # shards written in the background; training goes on meanwhile
 
     def validate(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:

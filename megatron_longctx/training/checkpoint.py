@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from functools import partial
 
 import numpy as np
 import torch
@@ -133,9 +134,14 @@ def _barrier() -> None:
 
 
 def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bool = True,
-                    keep_last: int | None = None) -> str:
+                    keep_last: int | None = None, async_queue=None) -> str:
     """Save model (+ optimizer, scheduler, RNG) at ``trainer.step``; returns its directory.
-    With ``keep_last`` older checkpoints are deleted once this one is complete."""
+
+    With ``keep_last`` older checkpoints are deleted once this one is complete. With
+    ``async_queue`` (megatron-core's ``AsyncCallsQueue``, ``--async-save``) the shards are
+    written by a background process and the checkpoint is renamed into place when every rank
+    has finished, in ``async_queue.maybe_finalize_async_calls()``.
+    """
     final = step_dir(root, trainer.step)
     tmp = final + ".tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -150,10 +156,26 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
         state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     metadata = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **_layout(),
                 "optimizer": save_optim, "rng": save_rng}
-    dist_checkpointing.save(state, tmp, content_metadata=metadata)
-    maybe_fault("save", trainer.step)
+    finalize = partial(_publish, root, trainer.step, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(state, tmp, content_metadata=metadata)
+        finalize()
+    else:
+        request = dist_checkpointing.save(state, tmp, content_metadata=metadata,
+                                          async_sharded_save=True)
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _publish(root: str, step: int, keep_last: int | None) -> None:
+    """Once every rank has written its shards: rename ``iter_*.tmp`` into place, point the
+    tracker at it, then delete what ``keep_last`` no longer keeps."""
+    maybe_fault("save", step)
     _barrier()
-    if rank == 0:
+    final = step_dir(root, step)
+    tmp = final + ".tmp"
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         if os.path.isdir(final):  # re-saving a step: never leave the tracker without a target
             stale = final + ".replaced"
             shutil.rmtree(stale, ignore_errors=True)
@@ -164,14 +186,13 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
             os.replace(tmp, final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
-            f.write(str(trainer.step))
+            f.write(str(step))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
         logger.info("saved checkpoint %s", final)
         if keep_last:
             for old in completed_steps(root)[:-keep_last]:
                 shutil.rmtree(step_dir(root, old))
     _barrier()
-    return final
 
 
 def completed_steps(root: str) -> list[int]:

@@ -95,8 +95,15 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
     window = {"losses": [], "seconds": 0.0}  # since the last log line
     train_seconds, trained, save_seconds = 0.0, 0, 0.0
     reason = "finished" if trainer.step >= total else None
+    async_queue = None
+    if ck.async_save and ck.save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        async_queue = AsyncCallsQueue()
     try:
         while reason is None:
+            if async_queue is not None:
+                async_queue.maybe_finalize_async_calls(blocking=False)
             begin = time.perf_counter()
             step_metrics = trainer.train_step()
             seconds = time.perf_counter() - begin
@@ -124,7 +131,8 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
             if ck.save and (reason or (ck.save_interval and it % ck.save_interval == 0)):
                 begin = time.perf_counter()
                 save_checkpoint(trainer, ck.save, save_optim=ck.save_optim,
-                                save_rng=ck.save_rng, keep_last=ck.keep_last)
+                                save_rng=ck.save_rng, keep_last=ck.keep_last,
+                                async_queue=async_queue)
                 saved_seconds = time.perf_counter() - begin
                 save_seconds += saved_seconds
             if it % log.log_interval == 0 or reason or validation:
@@ -156,7 +164,12 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                     tqdm.write(console_line(it, total, row))
                 window = {"losses": [], "seconds": 0.0}
             maybe_fault("iteration", it)
+        if async_queue is not None:  # the last save is complete before the run says it stopped
+            async_queue.close()
+            async_queue = None
     finally:
+        if async_queue is not None:  # an error: leave the unfinished save unpublished
+            async_queue.close(abort=True)
         bar.close()
         stop.restore()
     write_exit_reason(ck.save, reason)

@@ -102,6 +102,19 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
     assert sorted(metrics(save)) == [1, 2, 3, 4, 5, 6]
 
 
+def test_async_save_publishes_before_exit_and_resumes_exactly(tmp_path):
+    straight, staged = str(tmp_path / "straight"), str(tmp_path / "async")
+    pretrain("--train-iters", "6", "--save", straight)
+    args = ["--train-iters", "6", "--save-interval", "2", "--async-save", "--save", staged,
+            "--load", staged]
+    pretrain(*args, "--exit-interval", "3")  # async saves at 2 and 3; 3 complete before exit
+    assert completed_steps(staged) == [2, 3] and exit_reason(staged) == "interval"
+    pretrain(*args)
+    resumed, reference = metrics(staged), metrics(straight)
+    assert [resumed[i]["lm_loss"] for i in range(1, 7)] == \
+        [reference[i]["lm_loss"] for i in range(1, 7)]
+
+
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     save = str(tmp_path / "run")
     args = [*TINY, "--train-iters", "2000", "--lr-decay-iters", "2000", "--exit-signal-handler",
