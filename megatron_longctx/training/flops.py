@@ -43,8 +43,12 @@ def effective_attention_flops(model: ModelConfig, doc_lengths: Sequence[Sequence
     its score matrix (not ``n (n + 1) / 2``), so ``[[s]] * b`` gives exactly the attention term
     of :func:`num_floating_point_operations` and ``k`` equal documents cost ``1 / k`` of it.
     """
+    return attention_flops(model, sum(n * n for lengths in doc_lengths for n in lengths))
+
+
+def attention_flops(model: ModelConfig, squares: float) -> float:
+    """:func:`effective_attention_flops` from ``sum(n^2)`` over the iteration's documents."""
     q = model.head_dim * model.num_attention_heads
-    squares = sum(n * n for lengths in doc_lengths for n in lengths)
     # per layer: two GEMMs over the causal half of each (n x n) score matrix, q wide
     return _FWD_BWD * _FMA * 2 * q * model.num_layers * squares / 2
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from megatron_longctx.training.checkpoint import save_checkpoint
 from megatron_longctx.training.faults import maybe_fault
+from megatron_longctx.training.flops import attention_flops
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
     check_stop = t.exit_signal_handler or t.exit_duration_in_mins is not None
     started = started or time.time()
     bar = tqdm(total=total, initial=trainer.step, disable=not show, unit="it", dynamic_ncols=True)
-    window = {"losses": [], "seconds": 0.0}  # since the last log line
+    # per-iteration figures since the last log line
+    window = {"losses": [], "seconds": 0.0, "attention_flops": 0.0}
+    full_attention = attention_flops(cfg.model, t.global_batch_size * t.seq_length ** 2)
     train_seconds, trained, save_seconds = 0.0, 0, 0.0
     reason = "finished" if trainer.step >= total else None
     async_queue = None
@@ -106,6 +109,9 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                 async_queue.maybe_finalize_async_calls(blocking=False)
             begin = time.perf_counter()
             step_metrics = trainer.train_step()
+            squares = step_metrics.pop("doc_length_squares", None)
+            if squares is not None:
+                window["attention_flops"] += attention_flops(cfg.model, squares)
             seconds = time.perf_counter() - begin
             window["losses"].append(step_metrics["lm_loss"])
             window["seconds"] += seconds
@@ -144,6 +150,11 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                     "elapsed_ms_per_iteration": 1000 * per_iteration,
                     "tflops_per_gpu": tflops,
                     "mfu": tflops / peak_tflops if peak_tflops else None,
+                    # with document masks: attention over each document only (sum n^2)
+                    "tflops_per_gpu_effective": (
+                        (flops_per_iteration - full_attention) / per_iteration / world / 1e12
+                        + window["attention_flops"] / n / per_iteration / world / 1e12
+                        if window["attention_flops"] else None),
                     "lr": step_metrics["lr"],
                     "global_batch_size": t.global_batch_size,
                     "lm_loss": sum(window["losses"]) / max(n, 1),
@@ -162,7 +173,7 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                     from megatron_longctx.training.metrics import console_line
 
                     tqdm.write(console_line(it, total, row))
-                window = {"losses": [], "seconds": 0.0}
+                window = {"losses": [], "seconds": 0.0, "attention_flops": 0.0}
             maybe_fault("iteration", it)
         if async_queue is not None:  # the last save is complete before the run says it stopped
             async_queue.close()

@@ -24,6 +24,7 @@ from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
 from megatron_longctx.training.batches import GlobalBatchSampler, collate
 from megatron_longctx.training.faults import maybe_poison_weights
+from megatron_longctx.training.flops import document_lengths
 from megatron_longctx.training.schedule import build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ class Trainer:
         dataset, sampler = ((self.valid_dataset, self.valid_sampler) if validation
                             else (self.dataset, self.sampler))
         micro = [collate(dataset, idx) for idx in sampler.micro_batches(step)]
+        squares = 0  # sum of document length^2: the attention work with document masks
+        if self.cfg.data.reset_attention_mask and not forward_only:
+            squares = sum(n * n for batch in micro for lengths in
+                          document_lengths(batch["doc_starts"], t.seq_length) for n in lengths)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = get_forward_backward_func()(
@@ -152,16 +157,18 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=forward_only,
         )
-        return self._global_mean_loss(reports)
+        return self._global_mean_loss(reports, squares)
 
-    def _global_mean_loss(self, reports: list[dict]) -> dict[str, float]:
-        # [1 + groups, 2]: (loss sum, token count) of the whole batch, then of each group
-        totals = torch.zeros(1 + len(self.group_names), 2, dtype=torch.float64,
+    def _global_mean_loss(self, reports: list[dict], squares: int) -> dict[str, float]:
+        # [1 + groups + 1, 2]: (loss sum, token count) of the whole batch, then of each group;
+        # the last row holds the document-length squares (same on every CP rank)
+        totals = torch.zeros(2 + len(self.group_names), 2, dtype=torch.float64,
                              device=torch.cuda.current_device())
         if parallel_state.is_pipeline_last_stage():
             for report in reports:
                 totals[0] += report["lm loss"].double()
-                totals[1:] += report["groups"]
+                totals[1:-1] += report["groups"]
+            totals[-1, 0] = squares / parallel_state.get_context_parallel_world_size()
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(
                 with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -171,7 +178,9 @@ class Trainer:
         result = {"lm_loss": totals[0][0] / max(totals[0][1], 1)}
         if len(self.group_names) > 1:  # one bucket and one source say nothing new
             result.update({f"lm_loss_{name}": s / n for name, (s, n)
-                           in zip(self.group_names, totals[1:]) if n > 0})
+                           in zip(self.group_names, totals[1:-1]) if n > 0})
+        if squares:
+            result["doc_length_squares"] = totals[-1][0]
         return result
 
     def evaluate(self) -> float:

@@ -56,3 +56,21 @@ def test_loss_by_position_bucket_and_source(model_parallel, tmp_path):
     total = sum(sums[k] for k in sums if k.startswith("pos")) / sum(
         counts[k] for k in counts if k.startswith("pos"))
     assert report["lm_loss"] == pytest.approx(total, rel=1e-6)
+
+
+def test_document_length_squares_for_effective_flops(model_parallel, tmp_path):
+    docs = _source(tmp_path / "docs_text_document", (0, 200), [5, 17, 40, 3, 64, 30] * 10)
+    cfg = RunConfig()
+    t = cfg.training
+    t.seq_length, t.micro_batch_size, t.global_batch_size, t.train_iters = 64, 2, 8, 1
+    cfg.data.reset_attention_mask = cfg.data.reset_position_ids = True
+    options = SampleOptions(64, eod=-1, reset_position_ids=True)
+    data = build_blended_dataset([docs], "100,0,0", 8, options, seed=1)
+    trainer = Trainer(cfg, data)
+    report = trainer.forward_backward(0)
+    expect = 0
+    for i in trainer.sampler.global_batch(0):
+        bounds = list(data[int(i)]["doc_starts"]) + [64]
+        expect += sum((b - a) ** 2 for a, b in zip(bounds, bounds[1:]))
+    assert report["doc_length_squares"] == expect
+    assert expect < 8 * 64 ** 2  # several documents per sample: less than full attention
