@@ -51,9 +51,10 @@ def worker(impl: str, seq: int, dtype: str, steps: int, out: str) -> None:
     import torch
 
     from benchmarks.common import best_of
+    from megatron_longctx.convert.hf_config import hf_config
     from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
     from megatron_longctx.model import build_model
-    from megatron_longctx.model.hf_conversion import hf_config, to_hf
+    from megatron_longctx.model.hf_conversion import to_hf
     from megatron_longctx.model.sharding import full_tensors
     from megatron_longctx.parallel.initialize import (
         init_process_group,
@@ -147,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps (best of), after one "
+    parser.add_argument("--steps", type=int, default=1, help="timed steps (best of), after one "
                                                               "warm-up step")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each configuration")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per configuration")
@@ -165,30 +166,35 @@ def main() -> None:
     torch.set_num_threads(2)
     torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     load_before = os.getloadavg()[0]
-    # measured before and after the configurations; the better of the two is the denominator
-    # (the cores are shared, so one reading can come out low)
-    first = {d: measure_matmul_peak_tflops(torch_dtypes[d], seconds=2.0) for d in args.dtypes}
-    print("matmul peak TFLOP/s:", {d: round(p, 3) for d, p in first.items()}, flush=True)
+    # the cores are shared, so a reading can come out low: the matmul peak is read before
+    # and after every configuration, and the best reading is the MFU denominator
+    readings: dict[str, list[float]] = {d: [] for d in args.dtypes}
 
+    def read_peaks() -> None:
+        for d in args.dtypes:
+            readings[d].append(measure_matmul_peak_tflops(torch_dtypes[d], seconds=1.0))
+
+    read_peaks()
     results: dict[tuple, dict] = {}
-    loads = []
     for seq in args.seqs:
         for dtype in args.dtypes:
-            # rounds alternate the implementations, so load from other users of the shared
-            # cores hits both alike; the fastest step and the highest peak memory are kept
+            # rounds alternate the implementations, so load from other users of the cores
+            # hits both alike; the fastest step and the highest peak memory are kept
             for _ in range(args.rounds):
                 for impl in IMPLS:
                     r = launch(impl, seq, dtype, args.steps, args.timeout)
-                    loads.append(os.getloadavg()[0])
-                    print(seq, dtype, impl, r, f"load {loads[-1]:.1f}", flush=True)
+                    r["load"] = os.getloadavg()[0]
+                    read_peaks()
+                    print(seq, dtype, impl, r, flush=True)
                     kept = results.setdefault((seq, dtype, impl), r)
                     if "error" in kept or "error" in r:
                         results[seq, dtype, impl] = r if "error" in r else kept
-                        continue
-                    kept["step_s"] = min(kept["step_s"], r["step_s"])
-                    kept["peak_rss_gib"] = max(kept["peak_rss_gib"], r["peak_rss_gib"])
-    last = {d: measure_matmul_peak_tflops(torch_dtypes[d], seconds=2.0) for d in args.dtypes}
-    peaks = {d: max(first[d], last[d]) for d in args.dtypes}
+                    elif r["step_s"] < kept["step_s"]:
+                        r["peak_rss_gib"] = max(kept["peak_rss_gib"], r["peak_rss_gib"])
+                        results[seq, dtype, impl] = r
+                    else:
+                        kept["peak_rss_gib"] = max(kept["peak_rss_gib"], r["peak_rss_gib"])
+    peaks = {d: max(readings[d]) for d in args.dtypes}
 
     rows = []
     for seq in args.seqs:
@@ -197,32 +203,33 @@ def main() -> None:
             for impl in IMPLS:
                 r = results[seq, dtype, impl]
                 if "error" in r:
-                    rows.append([seq, dtype, impl, r["error"], "", "", ""])
+                    rows.append([seq, dtype, impl, r["error"], "", "", "", ""])
                     continue
                 r["tokens_s"] = seq / r["step_s"]
                 r["mfu"] = flops / r["step_s"] / (peaks[dtype] * 1e12)
                 rows.append([seq, dtype, impl, f"{r['tokens_s']:.0f}",
                              f"{r['peak_rss_gib']:.2f}", f"{100 * r['mfu']:.1f}%",
-                             f"{r['first_loss']:.4f}"])
+                             f"{r['first_loss']:.4f}", f"{r['load']:.1f}"])
             ours, hf = results[seq, dtype, "ours"], results[seq, dtype, "transformers"]
             if "error" not in ours and "error" not in hf:
                 rows.append([seq, dtype, "ours / transformers",
                              _goal(ours["tokens_s"] / hf["tokens_s"], 1.25, True),
                              _goal(ours["peak_rss_gib"] / hf["peak_rss_gib"], 0.6, False),
-                             f"{ours['mfu'] / hf['mfu']:.2f}", ""])
+                             f"{ours['mfu'] / hf['mfu']:.2f}", "", ""])
         fp32, bf16 = results.get((seq, "fp32", "ours"), {}), results.get((seq, "bf16", "ours"), {})
         if "tokens_s" in fp32 and "tokens_s" in bf16:
             rows.append([seq, "bf16 / fp32", "ours",
                          _goal(bf16["tokens_s"] / fp32["tokens_s"], 1.5, True),
-                         f"{bf16['peak_rss_gib'] / fp32['peak_rss_gib']:.2f}", "", ""])
+                         f"{bf16['peak_rss_gib'] / fp32['peak_rss_gib']:.2f}", "", "", ""])
     if "fp32" in peaks and "bf16" in peaks:
         rows.append(["-", "bf16 / fp32", "matmul peak",
                      f"{peaks['bf16'] / peaks['fp32']:.2f} ({peaks['bf16']:.2f} / "
-                     f"{peaks['fp32']:.2f} TFLOP/s)", "", "", ""])
+                     f"{peaks['fp32']:.2f} TFLOP/s)", "", "", "", ""])
     load_after = os.getloadavg()[0]
     text = write_markdown(
         args.out, "Training step: ours vs transformers (LlamaForCausalLM, sdpa)",
-        ["seq", "dtype", "implementation", "tokens/s", "peak RSS GiB", "MFU", "loss step 1"],
+        ["seq", "dtype", "implementation", "tokens/s", "peak RSS GiB", "MFU", "loss step 1",
+         "load"],
         rows,
         "Tiny Llama (4 layers, hidden 256, 8 heads / 2 KV groups, FFN 688, vocabulary 32000), "
         "micro-batch 1, forward + backward + AdamW step (gradient clipping 1.0), 2 threads. "
@@ -237,17 +244,16 @@ def main() -> None:
         "MFU: `megatron_longctx.training.flops.num_floating_point_operations` (Megatron-LM's "
         f"formula, causal attention halved: {flops_summary(run_config, args.seqs)}) per second "
         "over the matmul peak of the same dtype measured in this run "
-        "(`measure_matmul_peak_tflops`, 2048x2048, the better of a reading before and one "
-        f"after the configurations: {_readings(first, last)}). Load average (1 min) "
-        f"{load_before:.1f} before, {min(loads):.1f} to {max(loads):.1f} after each "
-        f"configuration, {load_after:.1f} at the end: the 2 cores are shared with other "
-        "work, so timings are noisy. "
+        "(`measure_matmul_peak_tflops`, 2048x2048, the best of readings before and after every "
+        f"configuration: {_readings(readings)}). The 2 cores are shared with other work: "
+        "`load` is the 1-minute load average after the run kept (1-2 is this benchmark alone; "
+        f"{load_before:.1f} at the start, {load_after:.1f} at the end), so timings are noisy. "
         "Command: `python benchmarks/train_step.py`.")
     print(text)
 
 
-def _readings(first: dict, last: dict) -> str:
-    return ", ".join(f"{d} {first[d]:.2f} / {last[d]:.2f} TFLOP/s" for d in first)
+def _readings(readings: dict[str, list[float]]) -> str:
+    return ", ".join(f"{d} {min(r):.2f} to {max(r):.2f} TFLOP/s" for d, r in readings.items())
 
 
 def flops_summary(make_config, seqs: list[int]) -> str:

@@ -462,11 +462,18 @@ def load_stages(path: str) -> list[RunConfig]:
 def chain_stages(configs: list[RunConfig]) -> list[RunConfig]:
     """Stage k saves to and resumes from ``<save>/stage_<k>`` (TensorBoard: ``<dir>/stage_<k>``)
     and stage k+1 starts from stage k's final weights (``--pretrained-checkpoint`` semantics:
-    fresh optimizer, schedule and RNG)."""
+    fresh optimizer, schedule and RNG); only stage 1 takes ``pretrained_checkpoint`` from the
+    recipe."""
     if len(configs) < 2:
         return configs
     for k, cfg in enumerate(configs, start=1):
         ck = cfg.checkpoint
+        for name in ("load", "ckpt_step", "finetune"):
+            if getattr(ck, name):
+                raise ValueError(
+                    f"stage {k}: checkpoint.{name} (--{name.replace('_', '-')}) is set, but "
+                    f"stages load their own checkpoints (<save>/stage_<k>); start stage 1 from "
+                    f"other weights with checkpoint.pretrained_checkpoint")
         if not ck.save:
             raise ValueError("a recipe with stages needs checkpoint.save (or --save): each stage "
                              "saves to <save>/stage_<k> and the next starts from it")

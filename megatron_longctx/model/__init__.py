@@ -1,5 +1,6 @@
 """Llama-style GPT on megatron-core, with our rotary module and core attention."""
 
 from megatron_longctx.model.gpt import LongContextGPTModel, build_model, transformer_config
+from megatron_longctx.model.loading import CausalLM, load_model
 
-__all__ = ["LongContextGPTModel", "build_model", "transformer_config"]
+__all__ = ["CausalLM", "LongContextGPTModel", "build_model", "load_model", "transformer_config"]

@@ -1,21 +1,23 @@
-"""Full (unsharded) state dicts: ours <-> Hugging Face ``LlamaForCausalLM``.
+"""Full (unsharded) tensors: ours <-> Hugging Face Llama / Mistral / Qwen2 names.
 
 Our names are megatron-core's: a fused ``linear_qkv`` laid out per KV group as
 ``[q heads of the group; k; v]`` and a fused SwiGLU ``linear_fc1`` as ``[gate; up]``. Both
 sides rotate with the half-split convention (``rotary_interleaved=False``), so no q/k
 permutation is needed. Use :mod:`megatron_longctx.model.sharding` to go between full tensors
-and a parallel layout.
+and a parallel layout, and :mod:`megatron_longctx.convert` for configs and files.
+
+The mapping works one layer at a time (``get`` reads one tensor by name), so conversions hold
+one layer, never the whole model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from megatron_longctx.config import ModelConfig
-from megatron_longctx.rope.methods import ntk_base
 
 _LAYER_MAP = {
     "input_layernorm.weight": "input_layernorm.weight",
@@ -23,54 +25,6 @@ _LAYER_MAP = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
-
-
-def hf_rope_parameters(model: ModelConfig) -> dict[str, Any]:
-    """``rope_parameters`` for a transformers config; ``ntk`` becomes ``default`` with the
-    enlarged base. HARPE has no transformers equivalent."""
-    params = dict(model.rope_parameters)
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "harpe":
-        raise ValueError("HARPE (per-head bases) has no transformers rope_type; keep the "
-                         "checkpoint in megatron_longctx format")
-    if params.pop("longrope_start_tokens", 0):
-        raise ValueError("transformers' longrope has no unscaled first n-hat positions "
-                         "(longrope_start_tokens); the exported model would differ there")
-    if rope_type == "ntk":
-        dim = int(model.head_dim * model.rotary_percent)
-        params = {"rope_type": "default",
-                  "rope_theta": ntk_base(params.get("rope_theta", 10000.0), params["factor"], dim)}
-    if model.rotary_percent != 1.0:
-        params["partial_rotary_factor"] = model.rotary_percent
-    return params
-
-
-def hf_config(model: ModelConfig):
-    from transformers import LlamaConfig
-
-    if model.rotary_interleaved:
-        raise ValueError("transformers' Llama rotates half-split pairs; rotary_interleaved=True "
-                         "checkpoints need their q/k rows permuted first")
-    rope_parameters = hf_rope_parameters(model)
-    max_positions = model.max_position_embeddings
-    if rope_parameters["rope_type"] == "dynamic":
-        # transformers' dynamic NTK reads the pretrained length from max_position_embeddings
-        max_positions = rope_parameters.pop("original_max_position_embeddings")
-    return LlamaConfig(
-        vocab_size=model.vocab_size,
-        hidden_size=model.hidden_size,
-        intermediate_size=model.ffn_hidden_size,
-        num_hidden_layers=model.num_layers,
-        num_attention_heads=model.num_attention_heads,
-        num_key_value_heads=model.query_groups,
-        head_dim=model.head_dim,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=model.norm_epsilon,
-        rope_parameters=rope_parameters,
-        tie_word_embeddings=not model.untie_embeddings_and_output_weights,
-        attention_bias=model.add_qkv_bias,
-        mlp_bias=False,
-    )
 
 
 def _split_qkv(qkv: Tensor, model: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,49 +44,96 @@ def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, model: ModelConfig) -> Tensor:
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
-def to_hf(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
-    """Our full state dict -> HF Llama names (padded vocab rows dropped)."""
-    vocab = model.vocab_size
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a transformers checkpoint of ``model`` holds, with its shape."""
+    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
+    q, kv = model.num_attention_heads * d, model.query_groups * d
+    shapes = {"model.embed_tokens.weight": (model.vocab_size, h), "model.norm.weight": (h,)}
     if model.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = state["output_layer.weight"][:vocab]
+        shapes["lm_head.weight"] = (model.vocab_size, h)
     for i in range(model.num_layers):
-        ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for src, dst in _LAYER_MAP.items():
-            out[hf + dst] = state[ours + src]
-        for kind in ("weight", "bias"):
-            key = ours + f"self_attention.linear_qkv.{kind}"
-            if key in state:
-                q, k, v = _split_qkv(state[key], model)
-                out.update({hf + f"self_attn.q_proj.{kind}": q, hf + f"self_attn.k_proj.{kind}": k,
-                            hf + f"self_attn.v_proj.{kind}": v})
-        gate, up = state[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
+        p = f"model.layers.{i}."
+        layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+                 "mlp.down_proj.weight": (h, f)}
+        shapes.update({p + name: shape for name, shape in layer.items()})
+        if model.add_qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+Getter = Callable[[str], Tensor]
+
+
+def layer_to_hf(get: Getter, i: int, model: ModelConfig) -> dict[str, Tensor]:
+    """Layer ``i``: our full tensors (read with ``get``) -> HF names."""
+    ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+    out = {hf + dst: get(ours + src) for src, dst in _LAYER_MAP.items()}
+    for kind in ("weight", "bias") if model.add_qkv_bias else ("weight",):
+        q, k, v = _split_qkv(get(ours + f"self_attention.linear_qkv.{kind}"), model)
+        out.update({hf + f"self_attn.q_proj.{kind}": q, hf + f"self_attn.k_proj.{kind}": k,
+                    hf + f"self_attn.v_proj.{kind}": v})
+    gate, up = get(ours + "mlp.linear_fc1.weight").chunk(2, dim=0)
+    out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def from_hf(hf_state: dict[str, Tensor], model: ModelConfig, padded_vocab: int
-            ) -> dict[str, Tensor]:
-    """HF Llama state dict -> our full state dict (vocab padded with zero rows)."""
+def embeddings_to_hf(get: Getter, model: ModelConfig) -> dict[str, Tensor]:
+    """Embedding, final norm and (untied) output layer -> HF names, vocab padding dropped."""
+    vocab = model.vocab_size
+    out = {"model.embed_tokens.weight": get("embedding.word_embeddings.weight")[:vocab],
+           "model.norm.weight": get("decoder.final_layernorm.weight")}
+    if model.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = get("output_layer.weight")[:vocab]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def layer_from_hf(get: Getter, i: int, model: ModelConfig) -> dict[str, Tensor]:
+    """Layer ``i``: HF tensors (read with ``get``) -> our full tensors."""
+    ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+    out = {ours + dst: get(hf + src) for dst, src in _LAYER_MAP.items()}
+    for kind in ("weight", "bias") if model.add_qkv_bias else ("weight",):
+        out[ours + f"self_attention.linear_qkv.{kind}"] = _fuse_qkv(
+            *(get(hf + f"self_attn.{p}_proj.{kind}") for p in "qkv"), model)
+    out[ours + "mlp.linear_fc1.weight"] = torch.cat(
+        [get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
+    return out
+
+
+def embeddings_from_hf(get: Getter, model: ModelConfig, padded_vocab: int
+                       ) -> dict[str, Tensor]:
+    """Embedding, final norm and output layer (vocab padded with zero rows).
+
+    ``output_layer.weight`` is always given: with tied embeddings and PP > 1, megatron-core
+    still allocates it on the last stage (a copy kept equal to the embedding)."""
 
     def pad(t: Tensor) -> Tensor:
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], *t.shape[1:])])
 
-    out = {"embedding.word_embeddings.weight": pad(hf_state["model.embed_tokens.weight"]),
-           "decoder.final_layernorm.weight": hf_state["model.norm.weight"]}
-    if model.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = pad(hf_state.get("lm_head.weight",
-                                                      hf_state["model.embed_tokens.weight"]))
+    embedding = pad(get("model.embed_tokens.weight"))
+    output = (pad(get("lm_head.weight")) if model.untie_embeddings_and_output_weights
+              else embedding)
+    return {"embedding.word_embeddings.weight": embedding,
+            "decoder.final_layernorm.weight": get("model.norm.weight"),
+            "output_layer.weight": output}
+
+
+def to_hf(state: dict[str, Tensor], model: ModelConfig) -> dict[str, Tensor]:
+    """Our full state dict -> HF names (padded vocab rows dropped)."""
+    out = embeddings_to_hf(state.__getitem__, model)
     for i in range(model.num_layers):
-        ours, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for dst, src in _LAYER_MAP.items():
-            out[ours + dst] = hf_state[hf + src]
-        for kind in ("weight", "bias"):
-            if hf + f"self_attn.q_proj.{kind}" in hf_state:
-                out[ours + f"self_attention.linear_qkv.{kind}"] = _fuse_qkv(
-                    *(hf_state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"), model)
-        out[ours + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf_state[hf + "mlp.gate_proj.weight"], hf_state[hf + "mlp.up_proj.weight"]])
+        out.update(layer_to_hf(state.__getitem__, i, model))
     return out
 
+
+def from_hf(hf_state: dict[str, Tensor], model: ModelConfig, padded_vocab: int
+            ) -> dict[str, Tensor]:
+    """HF state dict -> our full state dict (vocab padded with zero rows; ``output_layer``
+    present also when tied, see :func:`embeddings_from_hf`)."""
+    out = embeddings_from_hf(hf_state.__getitem__, model, padded_vocab)
+    for i in range(model.num_layers):
+        out.update(layer_from_hf(hf_state.__getitem__, i, model))
+    return out

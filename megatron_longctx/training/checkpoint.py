@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -168,6 +169,14 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
     return final
 
 
+def save_weights(model, cfg, root: str, step: int = 0) -> str:
+    """A weights-only checkpoint of ``model`` (built from ``cfg``) at ``step``, in the same
+    format and with the same metadata as a training checkpoint: what a conversion writes and
+    ``--pretrained-checkpoint`` / ``--finetune`` / ``load_model`` read."""
+    return save_checkpoint(SimpleNamespace(model=model, cfg=cfg, step=step), root,
+                           save_optim=False, save_rng=False)
+
+
 def _publish(root: str, step: int, keep_last: int | None) -> None:
     """Once every rank has written its shards: rename ``iter_*.tmp`` into place, point the
     tracker at it, then delete what ``keep_last`` no longer keeps."""
@@ -189,9 +198,10 @@ def _publish(root: str, step: int, keep_last: int | None) -> None:
             f.write(str(step))
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
         logger.info("saved checkpoint %s", final)
-        if keep_last:
-            for old in completed_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old))
+        if keep_last:  # never this checkpoint: a rewound run may have left later steps
+            older = [s for s in completed_steps(root) if s < step]
+            for stale_step in older[:max(len(older) - (keep_last - 1), 0)]:
+                shutil.rmtree(step_dir(root, stale_step))
     _barrier()
 
 
@@ -245,6 +255,22 @@ def load_common(path: str) -> dict:
     return dist_checkpointing.load_common_state_dict(path)
 
 
+def _check_resumable(trainer, common: dict, path: str, load_optim: bool) -> None:
+    """Refuse a resume that would silently change the run, before anything is loaded."""
+    meta = common.get("content_metadata") or {}
+    if load_optim and not meta.get("optimizer", True):
+        raise ValueError(f"{path} holds no optimizer state (saved with --no-save-optim); pass "
+                         f"--no-load-optim to resume with a fresh optimizer, or start from its "
+                         f"weights with --pretrained-checkpoint / --finetune")
+    saved = ((common.get("args") or {}).get("training") or {}).get("global_batch_size")
+    current = trainer.cfg.training.global_batch_size
+    if saved is not None and saved != current:
+        raise ValueError(f"{path} was trained with --global-batch-size {saved}, this run has "
+                         f"{current}: the data position and schedule are counted in iterations "
+                         f"of that size. Resume with --global-batch-size {saved}, or start a new "
+                         f"stage from these weights with --pretrained-checkpoint.")
+
+
 def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bool = True,
                     weights_only: bool = False) -> int:
     """Load the checkpoint in directory ``path`` into the trainer; returns its iteration.
@@ -256,7 +282,8 @@ def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bo
     meta = common.get("content_metadata") or {}
     if weights_only:
         load_optim = load_rng = False
-    load_optim = load_optim and meta.get("optimizer", True)
+    else:
+        _check_resumable(trainer, common, path, load_optim)
     if load_rng and (not meta.get("rng", True) or
                      (meta.get("tp"), meta.get("pp")) != (_layout()["tp"], _layout()["pp"])):
         load_rng = False  # saved without, or another (TP, PP) layout: as Megatron-LM, skip
@@ -271,12 +298,16 @@ def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bo
                 _restore_adamw_step(trainer.optimizer, int(common["iteration"]))
     if weights_only:
         return 0
-    if load_optim and "opt_param_scheduler" in common:
+    trainer.step = int(common["iteration"])
+    schedule = common.get("opt_param_scheduler") if load_optim else None
+    if schedule is not None:
         from megatron_longctx.training.schedule import load_scheduler_state
 
-        load_scheduler_state(trainer.scheduler, common["opt_param_scheduler"])
+        load_scheduler_state(trainer.scheduler, schedule)
+    else:  # --no-load-optim (or a checkpoint from before schedules were saved): the schedule
+        # continues at this iteration
+        trainer.scheduler.step(increment=trainer.step * trainer.cfg.training.global_batch_size)
     if load_rng:
         _set_rng_state(state["rng_state"])
-    trainer.step = int(common["iteration"])
     logger.info("resumed from %s (iteration %d)", path, trainer.step)
     return trainer.step

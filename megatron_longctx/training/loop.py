@@ -1,7 +1,7 @@
 """The training loop of a run: iterations, evaluation, checkpoints, metrics, and stopping.
 
 A run stops for one of four reasons, written to ``<save>/exit_reason`` (Megatron-LM's exit
-flags; the Slurm scripts requeue on anything but ``finished``):
+flags; a job script requeues when it is not ``finished``; no file: the run failed or was killed):
 ``finished`` (the last iteration), ``signal`` (SIGTERM/SIGUSR1 with ``--exit-signal-handler``),
 ``duration`` (``--exit-duration-in-mins``), ``interval`` (``--exit-interval``). Each saves a
 checkpoint first. Every rank agrees on the stop iteration: signal and duration flags are
@@ -59,7 +59,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _agreed_stop(stop: StopSignal, started: float, limit_mins: float | None) -> str | None:
+def agreed_stop(stop: StopSignal, started: float, limit_mins: float | None) -> str | None:
     """``signal`` or ``duration`` when any rank says so, the same on every rank."""
     flags = torch.tensor([float(stop.received is not None),
                           float(limit_mins is not None
@@ -71,6 +71,15 @@ def _agreed_stop(stop: StopSignal, started: float, limit_mins: float | None) -> 
     return "duration" if flags[1] else None
 
 
+def clear_exit_reason(save: str | None) -> None:
+    """A run in progress has no exit reason: a crash must not leave an earlier one behind."""
+    if save and dist.get_rank() == 0:
+        try:
+            os.remove(os.path.join(save, EXIT_REASON_FILE))
+        except FileNotFoundError:
+            pass
+
+
 def write_exit_reason(save: str | None, reason: str) -> None:
     if save and dist.get_rank() == 0:
         os.makedirs(save, exist_ok=True)
@@ -80,18 +89,22 @@ def write_exit_reason(save: str | None, reason: str) -> None:
         os.replace(tmp, os.path.join(save, EXIT_REASON_FILE))
 
 
-def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: float,
-          started: float | None = None) -> str:
-    """Train from ``trainer.step`` to the end (or a stop); returns the exit reason."""
+def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: float | None,
+          stop: StopSignal | None = None, started: float | None = None) -> str:
+    """Train from ``trainer.step`` to the end (or a stop); returns the exit reason.
+
+    ``stop``: the signal recorder installed for the whole job; ``started``: when the job
+    started (``--exit-duration-in-mins`` counts from there)."""
     cfg = trainer.cfg
     t, ck, log = cfg.training, cfg.checkpoint, cfg.logging
     total = t.iterations
     world = dist.get_world_size()
     show = dist.get_rank() == world - 1  # the last rank holds the loss, as Megatron-LM
     tokens_per_iteration = t.global_batch_size * t.seq_length
-    stop = StopSignal(t.exit_signal_handler)
+    stop = stop or StopSignal(False)
     check_stop = t.exit_signal_handler or t.exit_duration_in_mins is not None
     started = started or time.time()
+    clear_exit_reason(ck.save)
     bar = tqdm(total=total, initial=trainer.step, disable=not show, unit="it", dynamic_ncols=True)
     # per-iteration figures since the last log line
     window = {"losses": [], "seconds": 0.0, "attention_flops": 0.0}
@@ -132,9 +145,12 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
             elif t.exit_interval and it % t.exit_interval == 0:
                 reason = "interval"
             elif check_stop:
-                reason = _agreed_stop(stop, started, t.exit_duration_in_mins)
+                reason = agreed_stop(stop, started, t.exit_duration_in_mins)
             saved_seconds = None
             if ck.save and (reason or (ck.save_interval and it % ck.save_interval == 0)):
+                if not math.isfinite(step_metrics["lm_loss"]):  # even without the NaN check
+                    raise FloatingPointError(f"iteration {it}: lm loss is "
+                                             f"{step_metrics['lm_loss']}; not saving it")
                 begin = time.perf_counter()
                 save_checkpoint(trainer, ck.save, save_optim=ck.save_optim,
                                 save_rng=ck.save_rng, keep_last=ck.keep_last,
@@ -178,11 +194,15 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
         if async_queue is not None:  # the last save is complete before the run says it stopped
             async_queue.close()
             async_queue = None
+    except FloatingPointError:
+        if async_queue is not None:  # a save in flight holds the last good state: publish it
+            async_queue.close()
+            async_queue = None
+        raise
     finally:
-        if async_queue is not None:  # an error: leave the unfinished save unpublished
+        if async_queue is not None:  # any other error: the save in flight stays unpublished
             async_queue.close(abort=True)
         bar.close()
-        stop.restore()
     write_exit_reason(ck.save, reason)
     if show:
         logger.info("stopped at iteration %d/%d: %s (checkpoint saving took %.1f s)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
@@ -59,6 +60,10 @@ def check_checkpoint_shapes(model, path: str) -> None:
             hint = ("--num-layers" if item.key.startswith("decoder.layers.")
                     and have[1:] == want[1:] else _flags_for(item.key))
             problems.append(f"{item.key}: checkpoint {have}, this run {want} (change {hint})")
+    if dist.is_initialized():  # each pipeline stage checks its own tensors: all raise together
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        problems = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
     if problems:
         raise ValueError(
             f"the checkpoint {path} does not fit this model:\n  " + "\n  ".join(problems[:8])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,13 @@ from megatron_longctx.training.checkpoint import (
     load_checkpoint,
     load_common,
     resolve_checkpoint,
+)
+from megatron_longctx.training.loop import (
+    StopSignal,
+    agreed_stop,
+    clear_exit_reason,
+    train,
+    write_exit_reason,
 )
 from megatron_longctx.training.pretrained import (
     apply_checkpoint_args,
@@ -91,23 +100,28 @@ def _checkpoint_to_load(cfg: RunConfig) -> tuple[str | None, bool]:
     ``--pretrained-checkpoint`` start the run, so one command both starts and resumes it.
     """
     ck = cfg.checkpoint
+    if ck.finetune and ck.load and ck.save and os.path.realpath(ck.load) == \
+            os.path.realpath(ck.save):
+        raise ValueError("--finetune with --load equal to --save would restart from iteration 0 "
+                         "at every relaunch; use --pretrained-checkpoint BASE --load SAVE --save "
+                         "SAVE, which starts from BASE once and then resumes SAVE")
     path = resolve_checkpoint(ck.load, ck.ckpt_step) if ck.load else None
     if path:
         return path, ck.finetune
-    if ck.load:
-        if ck.exit_on_missing_checkpoint:
-            raise ValueError(f"--load {ck.load} holds no checkpoint "
-                             f"(--exit-on-missing-checkpoint)")
-        logger.warning("--load %s holds no checkpoint yet: starting from %s", ck.load,
-                       ck.pretrained_checkpoint or "random weights")
     if ck.pretrained_checkpoint:
         path = resolve_checkpoint(ck.pretrained_checkpoint)
         if path is None:
             raise ValueError(f"--pretrained-checkpoint {ck.pretrained_checkpoint} holds no "
                              f"checkpoint (no {TRACKER}); give the save directory of a "
-                             f"finished run or one of its iter_* directories")
-        return path, True
-    return None, False
+                             f"finished run (or a previous stage) or one of its iter_* "
+                             f"directories")
+    if ck.load:
+        if path is None and ck.exit_on_missing_checkpoint:
+            raise ValueError(f"--load {ck.load} holds no checkpoint and no "
+                             f"--pretrained-checkpoint is given (--exit-on-missing-checkpoint)")
+        logger.warning("--load %s holds no checkpoint yet: starting from %s", ck.load,
+                       path or "random weights")
+    return path, path is not None
 
 
 def _write_run_record(cfg: RunConfig) -> None:
@@ -117,16 +131,17 @@ def _write_run_record(cfg: RunConfig) -> None:
                         "command": sys.argv}, f, sort_keys=False)
 
 
-def prepare_stage(cfg: RunConfig, world_size: int):
+def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
     """Validate, set up groups, data and model, and load the starting weights: the trainer,
-    ready at its first iteration (0, or the resumed one)."""
-    path, weights_only = _checkpoint_to_load(cfg)
+    ready at its first iteration (0, or the resumed one). ``load_weights=False`` (dry runs)
+    builds the model without reading any checkpoint."""
+    path, weights_only = _checkpoint_to_load(cfg) if load_weights else (None, False)
     saved_args = load_common(path).get("args") or {} if path else {}
     if cfg.checkpoint.use_checkpoint_args:
-        if not path:
-            raise ValueError("--use-checkpoint-args needs a checkpoint in --load or "
-                             "--pretrained-checkpoint")
-        apply_checkpoint_args(cfg, saved_args)
+        if path:
+            apply_checkpoint_args(cfg, saved_args)
+        elif load_weights:  # as Megatron-LM: nothing to take the arguments from
+            logger.warning("--use-checkpoint-args: no checkpoint to read; using the flags")
     cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
     dataset, valid_dataset = build_datasets(cfg)
@@ -147,9 +162,10 @@ def prepare_stage(cfg: RunConfig, world_size: int):
     return trainer
 
 
-def run_stage(cfg: RunConfig, world_size: int, dry_run: bool = False) -> str:
+def run_stage(cfg: RunConfig, world_size: int, stop: StopSignal, started: float,
+              dry_run: bool = False) -> str:
     """Prepare and train one stage; returns its exit reason."""
-    trainer = prepare_stage(cfg, world_size)
+    trainer = prepare_stage(cfg, world_size, load_weights=not dry_run)
     is_last = dist.get_rank() == world_size - 1
     if is_last:
         logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -159,23 +175,26 @@ def run_stage(cfg: RunConfig, world_size: int, dry_run: bool = False) -> str:
     if cfg.checkpoint.save and dist.get_rank() == 0:
         _write_run_record(cfg)
     from megatron_longctx.training.flops import num_floating_point_operations, peak_tflops
-    from megatron_longctx.training.loop import train
     from megatron_longctx.training.metrics import MetricsLogger
 
-    log = cfg.logging
+    log, t = cfg.logging, cfg.training
     metrics = MetricsLogger(save_dir=cfg.checkpoint.save, tensorboard_dir=log.tensorboard_dir,
                             wandb_project=log.wandb_project, wandb_exp_name=log.wandb_exp_name,
                             wandb_save_dir=log.wandb_save_dir, config=cfg.to_dict(),
                             resume_iteration=trainer.step, enabled=is_last)
     try:
-        t = cfg.training
         flops = num_floating_point_operations(cfg.model, t.seq_length, t.global_batch_size,
                                               tp=cfg.parallel.tensor_model_parallel_size)
-        return train(trainer, metrics, flops_per_iteration=flops,
-                     peak_tflops=peak_tflops(torch.bfloat16 if t.bf16 else torch.float32,
-                                             t.peak_tflops))
+        peak = (peak_tflops(torch.bfloat16 if t.bf16 else torch.float32, t.peak_tflops)
+                if is_last else None)  # only the logging rank reports MFU
+        return train(trainer, metrics, flops_per_iteration=flops, peak_tflops=peak, stop=stop,
+                     started=started)
     finally:
         metrics.close()
+        del trainer  # its model and optimizer hold reference cycles (config hooks)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def stage_finished(cfg: RunConfig) -> bool:
@@ -187,17 +206,23 @@ def stage_finished(cfg: RunConfig) -> bool:
 
 def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False) -> str:
     """Run the stages in order (a finished stage is skipped: rerunning the same command
-    resumes); returns the last exit reason. Every exit path shuts the process groups down."""
+    resumes); returns the last exit reason. Every exit path shuts the process groups down.
+    A staged run also writes the overall reason to ``exit_reason`` beside its stages."""
+    started = time.time()  # --exit-duration-in-mins counts from here, across stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # ours at INFO, theirs quieter
     stages = stages if isinstance(stages, list) else [stages]
     env = distributed_env()
     try:
         for cfg in stages:  # every stage's layout, before any process group or work
-            cfg.validate(env.world_size)
+            if not cfg.checkpoint.use_checkpoint_args:  # else: after the shape is read
+                cfg.validate(env.world_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    stop = StopSignal(any(cfg.training.exit_signal_handler for cfg in stages))
     init_process_group(env)
+    root = os.path.dirname(stages[0].checkpoint.save) if len(stages) > 1 else None
+    clear_exit_reason(root)
     reason = "finished"
     try:
         for k, cfg in enumerate(stages, start=1):
@@ -206,10 +231,15 @@ def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False) -> str:
                     logger.info("stage %d/%d already finished (%s)", k, len(stages),
                                 cfg.checkpoint.save)
                     continue
+                if k > 1 and not dry_run and agreed_stop(stop, started, None):
+                    reason = "signal"  # arrived at the end of the previous stage
+                    break
                 logger.info("stage %d/%d: %s", k, len(stages), cfg.checkpoint.save)
-            reason = run_stage(cfg, env.world_size, dry_run)
+            reason = run_stage(cfg, env.world_size, stop, started, dry_run)
             if reason not in ("finished", "dry_run"):
                 break  # preempted: the rerun resumes this stage
+        if root and not dry_run:
+            write_exit_reason(root, reason)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     except FloatingPointError as err:
@@ -217,5 +247,6 @@ def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False) -> str:
                          f"saved is the last good one (lower --lr, check the data, or resume "
                          f"from it with a different --seed).") from None
     finally:
+        stop.restore()
         destroy()
     return reason

@@ -27,6 +27,7 @@ def schedule_steps(t) -> ScheduleSteps:
     """Megatron-LM's conversion of the schedule flags of ``TrainingConfig`` ``t`` to samples;
     raises ``ValueError`` naming the flag when the schedule is impossible."""
     g = t.global_batch_size
+    _refuse_mixed_units(t)
     if t.train_iters is not None:
         decay = (t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters) * g
         wsd = t.lr_wsd_decay_iters * g if t.lr_wsd_decay_iters is not None else None
@@ -67,6 +68,23 @@ def schedule_steps(t) -> ScheduleSteps:
         raise ValueError(f"need 0 <= --start-weight-decay ({start_wd}) <= --end-weight-decay "
                          f"({end_wd}).")
     return ScheduleSteps(warmup, decay, wsd, max(wd_incr, 1))
+
+
+def _refuse_mixed_units(t) -> None:
+    """Megatron-LM's rule: schedule flags in the unit of the run length, one warmup flag."""
+    by_iters = {"--lr-warmup-iters": t.lr_warmup_iters or None,
+                "--lr-decay-iters": t.lr_decay_iters, "--lr-wsd-decay-iters": t.lr_wsd_decay_iters}
+    by_samples = {"--lr-warmup-samples": t.lr_warmup_samples or None,
+                  "--lr-decay-samples": t.lr_decay_samples,
+                  "--lr-wsd-decay-samples": t.lr_wsd_decay_samples}
+    wrong = by_samples if t.train_iters is not None else by_iters
+    given = [flag for flag, value in wrong.items() if value is not None]
+    if given:
+        run_flag = "--train-iters" if t.train_iters is not None else "--train-samples"
+        raise ValueError(f"{', '.join(given)} cannot be combined with {run_flag}; give the "
+                         f"schedule in the same unit as the run length.")
+    if t.lr_warmup_fraction is not None and (t.lr_warmup_iters or t.lr_warmup_samples):
+        raise ValueError("give one of --lr-warmup-fraction and --lr-warmup-iters/-samples.")
 
 
 def weight_decay_range(t) -> tuple[float, float]:

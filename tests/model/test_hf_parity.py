@@ -9,9 +9,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from megatron_longctx.config import ModelConfig, ParallelConfig
+from megatron_longctx.convert.hf_config import hf_config
 from megatron_longctx.model import build_model
 from megatron_longctx.model.gpt import padded_vocab_size
-from megatron_longctx.model.hf_conversion import from_hf, hf_config, to_hf
+from megatron_longctx.model.hf_conversion import from_hf, to_hf
 from megatron_longctx.model.sharding import full_tensors, load_full_state_dict
 from megatron_longctx.rope import compute_inv_freq
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from test_schedule import closed_form
 
 from megatron_longctx.training.checkpoint import completed_steps, latest_step
 
@@ -115,6 +116,18 @@ def test_async_save_publishes_before_exit_and_resumes_exactly(tmp_path):
         [reference[i]["lm_loss"] for i in range(1, 7)]
 
 
+def test_sigusr1_is_recorded_like_sigterm():
+    from megatron_longctx.training.loop import StopSignal
+
+    stop = StopSignal(True)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.received == signal.SIGUSR1
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     save = str(tmp_path / "run")
     args = [*TINY, "--train-iters", "2000", "--lr-decay-iters", "2000", "--exit-signal-handler",
@@ -130,15 +143,55 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=240)
+    try:
+        proc.wait(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     log.seek(0)
-    assert proc.returncode == 0, log.read()[-4000:]
+    output = log.read()
+    log.close()
+    assert proc.returncode == 0, output[-4000:]
     stopped = latest_step(save)
     assert 2 <= stopped < 2000 and exit_reason(save) == "signal"
     assert max(metrics(save)) == stopped
     pretrain(*args[len(TINY):], "--exit-interval", "1")  # one more iteration, then stop
     assert latest_step(save) == stopped + 1 and exit_reason(save) == "interval"
     assert sorted(metrics(save)) == list(range(1, stopped + 2))
+
+
+def test_exit_duration_counts_from_the_job_start(tmp_path):
+    save = str(tmp_path / "run")
+    # 0.001 min: already past after start-up, so every rank agrees to stop after iteration 1
+    pretrain("--train-iters", "50", "--exit-duration-in-mins", "0.001", "--save", save)
+    assert latest_step(save) == 1 and exit_reason(save) == "duration"
+
+
+def test_resume_refuses_silent_changes_and_no_load_optim_keeps_the_schedule(tmp_path):
+    save = str(tmp_path / "run")
+    args = ["--train-iters", "6", "--save", save, "--load", save]
+    pretrain(*args, "--no-save-optim", "--exit-interval", "2")
+    proc = pretrain(*args, check=False)
+    assert proc.returncode != 0 and "--no-load-optim" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a one-line error, before any work
+    proc = pretrain(*args, "--global-batch-size", "16", "--no-load-optim", check=False)
+    assert proc.returncode != 0 and "trained with --global-batch-size 8" in proc.stderr
+    pretrain(*args, "--no-load-optim")
+    rows = metrics(save)
+    for i in range(1, 7):  # iteration i applies the rate of i - 1 updates; 3.. continue it
+        expect = closed_form(i - 1, style="linear", lr=3e-3, min_lr=0.0, warmup=2, decay=6)
+        assert rows[i]["lr"] == pytest.approx(expect, rel=1e-12, abs=1e-18), i
+
+
+def test_train_samples_and_train_iters_runs_are_identical(tmp_path):
+    by_iters, by_samples = str(tmp_path / "iters"), str(tmp_path / "samples")
+    pretrain("--train-iters", "4", "--save", by_iters)
+    pretrain("--train-samples", "32", "--lr-warmup-iters", "0", "--lr-warmup-samples", "16",
+             "--save", by_samples)
+    a, b = metrics(by_iters), metrics(by_samples)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for i in a:
+        assert (a[i]["lm_loss"], a[i]["lr"]) == (b[i]["lm_loss"], b[i]["lr"]), i
 
 
 def test_injected_nan_stops_before_the_update_and_never_saves(tmp_path):
@@ -173,26 +226,30 @@ def staged(tmp_path_factory):
     recipe = root / "recipe.yaml"
     recipe.write_text(RECIPE.replace("SAVE", str(root / "run")).replace("TB", str(root / "tb")))
     first = pretrain("--config", str(recipe), tiny=False)
+    written = {p: os.path.getmtime(p) for p in (root / "run").glob("stage_*/**/*")
+               if p.is_file()}
     again = pretrain("--config", str(recipe), tiny=False)
-    return root, recipe, first.stderr, again.stderr
+    unchanged = all(os.path.getmtime(p) == t for p, t in written.items())
+    return root, recipe, first.stderr, again.stderr, unchanged
 
 
 def test_stages_run_in_order_and_rerun_skips_them(staged):
-    root, _, first, again = staged
+    root, _, first, again, unchanged = staged
     one, two = metrics(root / "run" / "stage_1"), metrics(root / "run" / "stage_2")
     assert sorted(one) == [1, 2, 3] and sorted(two) == [1, 2]
     assert two[1]["lr"] == 0.0 and two[2]["lr"] == 1.0e-3  # its own fresh warmup
     assert two[1]["consumed_samples"] == 4  # its own iteration count
     assert "rope: checkpoint default θ=10000 → this run yarn θ=10000 factor=2.0" in first
     assert "stage 1/2 already finished" in again and "stage 2/2 already finished" in again
-    assert len(metrics(root / "run" / "stage_2")) == 2  # nothing retrained
+    assert unchanged  # nothing retrained or rewritten
+    assert exit_reason(root / "run") == "finished"  # the whole recipe
 
 
 def test_stage_two_starts_from_stage_one_weights(staged, single_process_group):
     from megatron_longctx.config import load_stages
     from megatron_longctx.training.run import prepare_stage
 
-    _, recipe, _, _ = staged
+    _, recipe, *_ = staged
     stage1, stage2 = load_stages(str(recipe))
     from megatron_longctx.config import chain_stages
 
@@ -215,7 +272,7 @@ def test_shape_mismatch_names_the_flag_and_checkpoint_args_fix_it(staged, single
     from megatron_longctx.config import load_stages
     from megatron_longctx.training.run import prepare_stage
 
-    root, recipe, _, _ = staged
+    root, recipe, *_ = staged
     cfg = load_stages(str(recipe))[0]
     cfg.checkpoint.pretrained_checkpoint = str(root / "run" / "stage_1")
     cfg.model.ffn_hidden_size = 128
@@ -232,7 +289,7 @@ def test_shape_mismatch_names_the_flag_and_checkpoint_args_fix_it(staged, single
 def test_metrics_reach_tensorboard(staged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    root, _, _, _ = staged
+    root, *_ = staged
     events = EventAccumulator(str(root / "tb" / "stage_1"))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("lm loss")}

@@ -121,6 +121,10 @@ def test_changed_schedule_on_resume_is_a_clear_error_unless_overridden():
     (dict(lr_decay_style="poly"), "--lr-decay-style must be one of"),
     (dict(start_weight_decay=0.0, end_weight_decay=0.1), "--weight-decay-incr-style"),
     (dict(train_samples=8), "exactly one of --train-iters and --train-samples"),
+    (dict(lr_decay_samples=400), "--lr-decay-samples cannot be combined with --train-iters"),
+    (dict(train_iters=None, train_samples=480, lr_decay_iters=None),
+     "--lr-warmup-iters cannot be combined with --train-samples"),
+    (dict(lr_warmup_fraction=0.1), "one of --lr-warmup-fraction and --lr-warmup-iters"),
 ])
 def test_impossible_schedules_name_the_flag(kw, match):
     with pytest.raises(ValueError, match=match):

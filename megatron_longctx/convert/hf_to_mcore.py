@@ -1,0 +1,136 @@
+"""Hugging Face safetensors checkpoint -> megatron-core distributed checkpoint of ours.
+
+Everything is checked first (architecture, RoPE, sliding window, every tensor's presence and
+shape from the shard headers); only then is the model built at the requested layout and filled
+tensor by tensor, one layer at a time (peak memory: the model plus one layer of full tensors).
+The result is a weights-only checkpoint (``iter_0000000``) that ``--pretrained-checkpoint``,
+``--load`` and :func:`~megatron_longctx.model.load_model` accept; the source's tokenizer files
+and ``generation_config.json`` go to ``<out>/tokenizer/`` and its ``config.json`` to
+``<out>/hf_config.json`` (the export picks the same architecture from it).
+
+TP/PP: the dist checkpoint holds global tensors and reshards on load, so a single process
+converts for any layout whose padded vocabulary equals TP=1's (every power-of-two TP);
+otherwise run under ``torchrun`` with ``TP x PP`` processes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron_longctx.config import ParallelConfig, RunConfig
+from megatron_longctx.convert.hf_config import ConversionError, model_config_from_hf
+from megatron_longctx.convert.safetensors_io import SafetensorsReader
+from megatron_longctx.model.hf_conversion import embeddings_from_hf, hf_shapes, layer_from_hf
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+SOURCE_CONFIG = "hf_config.json"
+CARRIED_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                 "merges.txt", "*.tiktoken", "chat_template*", "generation_config.json")
+_IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
+
+
+def _read_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{hf_dir} has no config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _layout(tp: int, pp: int, vocab: int, divisible_by: int) -> ParallelConfig:
+    """The layout to build at: the requested one under torchrun (world = TP x PP), else one
+    process when the checkpoint reshards to the requested layout unchanged."""
+    from megatron_longctx.model.gpt import padded_vocab_size
+
+    if divisible_by != 128:
+        # TODO(config owner): ModelConfig has no make_vocab_size_divisible_by yet; build_model
+        # pads to 128 and a checkpoint padded otherwise would not load in training
+        raise ConversionError(f"--make-vocab-size-divisible-by {divisible_by}: only 128 is "
+                              f"supported until the model config carries this setting")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == tp * pp:
+        return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if world == 1 and padded_vocab_size(vocab, tp, divisible_by) == padded_vocab_size(vocab, 1):
+        if tp * pp > 1:
+            logger.info("converting in one process; the checkpoint reshards to TP=%d PP=%d on "
+                        "load", tp, pp)
+        return ParallelConfig()
+    raise ConversionError(f"TP={tp} PP={pp} pads the vocabulary differently from TP=1: run "
+                          f"the conversion under torchrun with {tp * pp} processes "
+                          f"(world size now {world})")
+
+
+def _carry_files(hf_dir: str, out_dir: str, hf: dict) -> None:
+    tok_dir = os.path.join(out_dir, TOKENIZER_DIR)
+    for name in sorted(os.listdir(hf_dir)):
+        if os.path.isfile(os.path.join(hf_dir, name)) and \
+                any(fnmatch.fnmatch(name, p) for p in CARRIED_FILES):
+            os.makedirs(tok_dir, exist_ok=True)
+            shutil.copy2(os.path.join(hf_dir, name), os.path.join(tok_dir, name))
+    with open(os.path.join(out_dir, SOURCE_CONFIG), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+@torch.no_grad()
+def _fill(model, reader: SafetensorsReader, model_cfg, padded_vocab: int) -> None:
+    """Copy the HF tensors this rank needs into its shards, one layer at a time."""
+    from megatron_longctx.model.sharding import local_parameters, shard
+
+    params = local_parameters(model)
+    layers = sorted({int(m.group(1)) for n in params
+                     if (m := re.match(r"decoder\.layers\.(\d+)\.", n))})
+    groups = [lambda: embeddings_from_hf(reader.get, model_cfg, padded_vocab)]
+    groups += [lambda i=i: layer_from_hf(reader.get, i, model_cfg) for i in layers]
+    filled = set()
+    for group in groups:
+        full = group()
+        for name in full.keys() & params.keys():
+            param = params[name]
+            param.copy_(shard(model, name, full[name].to(param.dtype), param))
+            filled.add(name)
+        del full
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise KeyError(f"no HF tensor maps to {missing[:5]}")
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
+                make_vocab_size_divisible_by: int = 128, seed: int = 1234) -> str:
+    """Convert the HF checkpoint in ``hf_dir``; returns the written ``iter_*`` directory."""
+    from megatron_longctx.model.gpt import build_model, padded_vocab_size
+    from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
+    from megatron_longctx.training.checkpoint import TRACKER, save_weights
+
+    hf = _read_config(hf_dir)
+    model_cfg, arch = model_config_from_hf(hf)
+    reader = SafetensorsReader(hf_dir)
+    reader.check(hf_shapes(model_cfg), ignore=_IGNORED_TENSORS +
+                 (() if model_cfg.untie_embeddings_and_output_weights else ("lm_head.weight",)))
+    if os.path.exists(os.path.join(out_dir, TRACKER)):
+        raise ConversionError(f"{out_dir} already holds a checkpoint; choose an empty --save")
+    parallel = _layout(tp, pp, model_cfg.vocab_size, make_vocab_size_divisible_by)
+    cfg = RunConfig(model=model_cfg, parallel=parallel)
+    parallel.validate(parallel.model_parallel_size, model_cfg)
+    init_process_group()
+    initialize_model_parallel(parallel, seed)
+    model = build_model(model_cfg, parallel)
+    _fill(model, reader, model_cfg,
+          padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size))
+    if any(fnmatch.fnmatch(n, "tokenizer*") for n in os.listdir(hf_dir)):
+        cfg.data.tokenizer_type = "HuggingFaceTokenizer"
+        cfg.data.tokenizer_model = os.path.join(os.path.abspath(out_dir), TOKENIZER_DIR)
+    path = save_weights(model, cfg, out_dir, step=0)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _carry_files(hf_dir, out_dir, hf)
+    logger.info("converted %s (%s, %d layers) to %s", hf_dir, arch, model_cfg.num_layers, path)
+    return path

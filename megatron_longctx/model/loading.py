@@ -1,0 +1,131 @@
+"""``load_model``: a checkpoint of ours as a ready-to-run causal LM (eval, LongRoPE search,
+conversion).
+
+The model config comes from the checkpoint itself (``args.model`` in its common state). In a
+plain process the model is built single-process (a one-rank gloo group is started if none
+exists); inside an initialized distributed run it is built at the current (or the given)
+TP/PP layout: megatron-core dist checkpoints reshard on load, so any layout reads any
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from torch import Tensor
+
+from megatron_longctx.config import ModelConfig, ParallelConfig, RunConfig
+from megatron_longctx.model.gpt import LongContextGPTModel, build_model
+
+
+class CausalLM(torch.nn.Module):
+    """``model(input_ids [b, s], position_ids=None) -> logits [b, s, vocab]`` (fp32-exact
+    logits of every vocabulary entry, padding rows dropped, gathered across TP; with PP > 1
+    every pipeline rank gets them, computed without autograd)."""
+
+    def __init__(self, gpt: LongContextGPTModel, model_cfg: ModelConfig):
+        super().__init__()
+        self.gpt, self.config = gpt, model_cfg
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        if parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("load_model's forward runs whole sequences; use CP=1")
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids[None].expand_as(input_ids)
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return self._logits(self.gpt(input_ids, position_ids, None))
+        with torch.no_grad():
+            return self._pipelined(input_ids, position_ids)
+
+    def _logits(self, local: Tensor) -> Tensor:  # [b, s, padded_vocab / tp]
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(local)
+        return full[..., :self.config.vocab_size]
+
+    def _pipelined(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Stage by stage: hidden states ``[s, b, h]`` go to the next stage; the last stage's
+        logits are broadcast to every stage."""
+        b, s = input_ids.shape
+        dtype = self.gpt.config.params_dtype
+        if not parallel_state.is_pipeline_first_stage():
+            hidden = torch.empty(s, b, self.config.hidden_size, dtype=dtype,
+                                 device=input_ids.device)
+            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            self.gpt.set_input_tensor(hidden)
+        out = self.gpt(input_ids, position_ids, None)
+        if not parallel_state.is_pipeline_last_stage():
+            dist.send(out.contiguous(),
+                      dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            logits = torch.empty(b, s, self.config.vocab_size, dtype=dtype,
+                                 device=input_ids.device)
+        else:
+            logits = self._logits(out).contiguous()
+        dist.broadcast(logits, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return logits
+
+
+def model_config_from_args(args: dict) -> ModelConfig:
+    """Our model config from a checkpoint's ``args`` (``RunConfig.to_dict()``)."""
+    if not isinstance(args, dict) or "model" not in args:
+        raise ValueError("the checkpoint has no 'args.model' (not written by megatron_longctx)")
+    return RunConfig.from_dict({"model": args["model"]}).model
+
+
+@contextmanager
+def _rng_untouched():
+    """Building a model seeds and draws random numbers; the caller's RNG streams stay."""
+    state = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+def _current_layout() -> ParallelConfig:
+    return ParallelConfig(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size())
+
+
+def _layout(parallel: ParallelConfig | None, model_cfg: ModelConfig) -> ParallelConfig:
+    """Start the process group / model-parallel groups when needed; the layout to build."""
+    from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
+
+    if not dist.is_initialized():
+        init_process_group()
+    if parallel is None and parallel_state.model_parallel_is_initialized():
+        return _current_layout()
+    parallel = parallel or ParallelConfig()
+    if parallel_state.model_parallel_is_initialized() and _current_layout() == parallel:
+        return parallel
+    parallel.validate(dist.get_world_size(), model_cfg)
+    initialize_model_parallel(parallel, seed=0)
+    return parallel
+
+
+def load_model(ckpt_dir: str, parallel: ParallelConfig | None = None,
+               step: int | None = None) -> CausalLM:
+    """The model of checkpoint ``ckpt_dir`` (a save root: its latest, or iteration ``step``;
+    or an ``iter_*`` directory), weights loaded, in eval mode."""
+    from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
+    from megatron_longctx.training.pretrained import check_checkpoint_shapes
+
+    path = resolve_checkpoint(ckpt_dir, step)
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
+    model_cfg = model_config_from_args(load_common(path).get("args"))
+    with _rng_untouched():
+        gpt = build_model(model_cfg, _layout(parallel, model_cfg))
+    check_checkpoint_shapes(gpt, path)
+    state = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, path)
+    gpt.load_state_dict(state["model"])
+    return CausalLM(gpt, model_cfg).eval()

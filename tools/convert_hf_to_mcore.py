@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint to a megatron_longctx checkpoint.
+
+Example:
+    python tools/convert_hf_to_mcore.py --hf-dir Llama-3.1-8B --save ckpt/llama31_8b \
+        --tensor-model-parallel-size 2
+    torchrun --nproc_per_node 2 tools/pretrain.py --pretrained-checkpoint ckpt/llama31_8b ...
+The output (``iter_0000000`` + tracker, tokenizer files in ``<save>/tokenizer/``) is what
+``--pretrained-checkpoint`` and ``--load`` read; it reshards to any TP/PP on load, so one
+process converts for every power-of-two TP (other sizes: run this under torchrun).
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_longctx.convert import ConversionError, hf_to_mcore  # noqa: E402
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="transformers save_pretrained directory")
+    parser.add_argument("--save", required=True, help="checkpoint root to write")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = hf_to_mcore(args.hf_dir, args.save, tp=args.tensor_model_parallel_size,
+                           pp=args.pipeline_model_parallel_size,
+                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    except ConversionError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
