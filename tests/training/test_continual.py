@@ -42,6 +42,7 @@ def pretrain(*args: str, nproc: int = 1, fault: str | None = None, check: bool =
     if fault:
         env["MEGATRON_LONGCTX_FAULT"] = fault
     cmd = [*launcher, PRETRAIN, *(TINY if tiny else []), *args]
+    started = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         try:
@@ -49,12 +50,27 @@ def pretrain(*args: str, nproc: int = 1, fault: str | None = None, check: bool =
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if fault:
+                _kill_orphaned_helpers(started)
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return result
+
+
+def _kill_orphaned_helpers(since: float) -> None:
+    """torchrun starts each rank in its own session, so a SIGKILLed rank's helper processes
+    (dist_checkpointing's multiprocessing Manager) are re-parented to init, outside the group
+    killed above: end those this test started."""
+    import psutil
+
+    for p in psutil.process_iter(["ppid", "create_time", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if p.info["ppid"] == 1 and p.info["create_time"] >= since - 1 and \
+                    "multiprocessing" in " ".join(p.info["cmdline"] or []):
+                p.kill()
 
 
 def metrics(save) -> dict[int, dict]:
