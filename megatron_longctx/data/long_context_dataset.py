@@ -30,7 +30,7 @@ class SampleOptions:
     eod_mask_loss: bool = False
 
 
-def _open_indexed(prefix: str):
+def open_indexed(prefix: str):
     """megatron-core's reader, after our O(1) checks (which name the file and the fix)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -51,7 +51,7 @@ class PackedDataset(torch.utils.data.Dataset):
                  options: SampleOptions, seed: int, upsample: tuple[int, float] | None = None,
                  cache_dir: str | None = None, indexed=None):
         self.prefix, self.options = prefix, options
-        self.indexed = indexed if indexed is not None else _open_indexed(prefix)
+        self.indexed = indexed if indexed is not None else open_indexed(prefix)
         self.lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
         documents = np.arange(*doc_range, dtype=np.int64)
         if len(documents) == 0:
@@ -191,7 +191,7 @@ def build_blended_dataset(data_path: list[str], split: str, num_samples: int,
     total = sum(weights)
     datasets = []
     for w, prefix, up in zip(weights, prefixes, upsample):
-        indexed = _open_indexed(prefix)
+        indexed = open_indexed(prefix)
         doc_range = packing.split_documents(len(indexed.sequence_lengths), split)[split_index]
         # a little headroom so the greedy blend never runs a source dry
         needed = int(np.ceil(num_samples * w / total * 1.005)) + 1

@@ -1,0 +1,55 @@
+"""Results of an evaluation as people read them: ``results.json`` (to compare runs), a markdown
+and a CSV table, and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+
+def write_table(out_dir: str, name: str, header: list[str], rows: list[list], meta: dict
+                ) -> dict[str, str]:
+    """``<name>.md``, ``<name>.csv`` and ``results.json`` (rows keyed by header) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {kind: os.path.join(out_dir, f"{name}.{kind}") for kind in ("md", "csv")}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    paths["json"] = os.path.join(out_dir, "results.json")
+    with open(paths["json"], "w") as f:
+        json.dump({**meta, "rows": [dict(zip(header, row)) for row in rows]}, f, indent=1)
+    return paths
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str,
+               title: str, log_x: bool = True, log_y: bool = False) -> str:
+    """One line per series ``{label: (xs, ys)}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
