@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="indexed dataset prefix (…_text_document) or a .jsonl file")
     p.add_argument("--json-key", default="text", help="text field of --data .jsonl")
     p.add_argument("--lengths", type=_lengths, required=True, help="e.g. 1024,2048,4096")
-    p.add_argument("--stride", type=int, default=None, help="tokens scored per window (default: length - 1)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens scored per window (default: length - 1)")
     p.add_argument("--num-documents", type=int, default=5,
                    help="documents of at least max(--lengths) tokens to score")
     p.add_argument("--first-document", type=int, default=0,
