@@ -207,6 +207,10 @@ class TrainingConfig:
     recompute_num_layers: int = 1  # full: layers per recompute chunk (uniform) or count (block)
     eval_interval: int | None = None  # validation loss every N steps (on the --split valid part)
     eval_iters: int = 10  # validation global batches per evaluation
+    # long-context validation: perplexity at these context lengths on held-out documents of at
+    # least the longest one, every --eval-interval (the extension team's first curve)
+    eval_lengths: list[int] | None = None
+    eval_documents: int = 2
     # stopping: a non-finite loss or gradient stops the run before the update (never saved)
     check_for_nan_in_loss_and_grad: bool = True
     exit_signal_handler: bool = False  # SIGTERM/SIGUSR1: finish the iteration, save, exit 0

@@ -60,14 +60,15 @@ def perplexity_by_length(model, documents: Iterable[Tensor], lengths: Sequence[i
     return results
 
 
-def long_documents(dataset, min_length: int, count: int, start: int = 0) -> list[Tensor]:
-    """The first ``count`` documents of an indexed dataset (``megatron.core`` ``IndexedDataset``
-    or ours) with at least ``min_length`` tokens, from document ``start`` on."""
+def long_documents(dataset, min_length: int, count: int, start: int = 0,
+                   end: int | None = None) -> list[Tensor]:
+    """The first ``count`` documents of an indexed dataset (megatron-core's ``IndexedDataset``)
+    in ``[start, end)`` with at least ``min_length`` tokens."""
     lengths = dataset.sequence_lengths
     picked = []
-    for i in range(start, len(lengths)):
+    for i in range(start, len(lengths) if end is None else end):
+        if len(picked) == count:
+            break
         if lengths[i] >= min_length:
             picked.append(torch.from_numpy(dataset.get(i).astype("int64")))
-            if len(picked) == count:
-                break
     return picked

@@ -139,7 +139,8 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                     it % t.eval_interval == 0 or it == total):
                 loss = trainer.evaluate()
                 validation = {"validation_lm_loss": loss,
-                              "validation_ppl": math.exp(min(loss, 50.0))}
+                              "validation_ppl": math.exp(min(loss, 50.0)),
+                              **trainer.evaluate_long_context()}
             if it >= total:
                 reason = "finished"
             elif t.exit_interval and it % t.exit_interval == 0:

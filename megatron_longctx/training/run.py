@@ -49,8 +49,9 @@ logger = logging.getLogger("megatron_longctx")
 
 
 def build_datasets(cfg: RunConfig):
-    """Training and validation datasets (the latter None without ``--eval-interval``); sets
-    ``cfg.model.vocab_size`` from the tokenizer."""
+    """Training and validation datasets (the latter None without ``--eval-interval``) and the
+    held-out long documents of ``--eval-lengths`` (or None); sets ``cfg.model.vocab_size`` from
+    the tokenizer."""
     d, t = cfg.data, cfg.training
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     cfg.model.vocab_size = tokenizer.vocab_size
@@ -58,18 +59,46 @@ def build_datasets(cfg: RunConfig):
                             reset_position_ids=d.reset_position_ids,
                             eod_mask_loss=d.eod_mask_loss)
     evaluate = bool(t.eval_interval)
+    long_context = evaluate and bool(t.eval_lengths)
+    longest = max(t.eval_lengths) if long_context else 0
     if d.data_path == ["stdlib"]:
         tokens = stdlib_token_stream(tokenizer)
         (a, b), (c, e), _ = split_documents(len(tokens), d.split)  # token ranges here
         valid = TokenStreamDataset(tokens[c:e], t.seq_length, options) if evaluate else None
-        return TokenStreamDataset(tokens[a:b], t.seq_length, options), valid
+        docs = None
+        if long_context:  # the held-out stream cut into documents of the longest length
+            held_out = torch.from_numpy(tokens[c:e].astype("int64"))
+            docs = [held_out[i:i + longest] for i in range(0, len(held_out) - longest + 1,
+                                                            longest)][:t.eval_documents]
+        return TokenStreamDataset(tokens[a:b], t.seq_length, options), valid, docs
     train = build_blended_dataset(d.data_path, d.split, t.iterations * t.global_batch_size,
                                   options, t.seed, d.length_upsample, d.data_cache_path)
-    valid = None
+    valid = docs = None
     if evaluate:
         valid = build_blended_dataset(d.data_path, d.split, t.eval_iters * t.global_batch_size,
                                       options, t.seed, None, d.data_cache_path, split_index=1)
-    return train, valid
+    if long_context:
+        docs = held_out_documents(d.data_path, d.split, longest, t.eval_documents)
+    return train, valid, docs
+
+
+def held_out_documents(data_path: list[str], split: str, min_length: int, count: int) -> list:
+    """Validation-split documents of at least ``min_length`` tokens, ``count`` at most, taken
+    from the sources in order."""
+    from megatron_longctx.data.long_context_dataset import open_indexed, parse_blend
+    from megatron_longctx.eval.perplexity import long_documents
+
+    docs = []
+    for prefix in parse_blend(data_path)[1]:
+        indexed = open_indexed(prefix)
+        start, end = split_documents(len(indexed.sequence_lengths), split)[1]
+        docs += long_documents(indexed, min_length, count - len(docs), start, end)
+        if len(docs) >= count:
+            break
+    if not docs:
+        logger.warning("--eval-lengths: no held-out document has %d tokens; long-context "
+                       "validation is skipped", min_length)
+    return docs or None
 
 
 def _git_revision() -> str:
@@ -144,10 +173,11 @@ def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
             logger.warning("--use-checkpoint-args: no checkpoint to read; using the flags")
     cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
-    dataset, valid_dataset = build_datasets(cfg)
+    dataset, valid_dataset, long_documents = build_datasets(cfg)
     from megatron_longctx.training.trainer import Trainer
 
     trainer = Trainer(cfg, dataset, valid_dataset=valid_dataset)
+    trainer.long_documents = long_documents
     if path:
         check_checkpoint_shapes(trainer.model, path)
         change = rope_change(saved_args, cfg.model)

@@ -90,6 +90,7 @@ class Trainer:
         config.no_sync_func = self.ddp.no_sync
         self.sampler = self._sampler(dataset, shuffle=True)
         self.valid_dataset = valid_dataset
+        self.long_documents = None  # held-out long documents for evaluate_long_context()
         if valid_dataset is not None:  # the same batches at every evaluation
             self.valid_sampler = self._sampler(valid_dataset, shuffle=False)
         self.step = 0
@@ -189,6 +190,22 @@ class Trainer:
         losses = [self.forward_backward(i, forward_only=True, validation=True)["lm_loss"]
                   for i in range(t.eval_iters)]
         return sum(losses) / len(losses)
+
+    def evaluate_long_context(self) -> dict[str, float]:
+        """``validation_ppl_<L>`` for each ``--eval-lengths`` L on the held-out long documents
+        (the shared scorer of :mod:`megatron_longctx.eval`); empty without them or with CP > 1
+        (whole-sequence forward)."""
+        lengths = self.cfg.training.eval_lengths
+        if not lengths or not self.long_documents or \
+                parallel_state.get_context_parallel_world_size() > 1:
+            return {}
+        from megatron_longctx.eval.perplexity import perplexity_by_length
+        from megatron_longctx.model import CausalLM
+
+        device = torch.cuda.current_device()
+        docs = [doc.to(device) for doc in self.long_documents]
+        results = perplexity_by_length(CausalLM(self.model, self.cfg.model), docs, lengths)
+        return {f"validation_ppl_{length}": r["ppl"] for length, r in results.items()}
 
     def _nonfinite_gradients(self) -> bool:
         """True on every rank when any rank holds a NaN/inf gradient.

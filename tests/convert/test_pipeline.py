@@ -20,7 +20,7 @@ from convert.test_convert_hf import strict_load
 from distributed import ROOT
 
 TOL = 1e-4
-BYTE_VOCAB = 260  # ByteTokenizer: 256 bytes + 4 specials, the corpus tools/pretrain.py uses
+BYTE_VOCAB = 258  # ByteTokenizer (256 bytes, bos, eos), the corpus tools/pretrain.py uses
 ORIG = 64
 
 

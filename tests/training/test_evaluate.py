@@ -19,10 +19,13 @@ def test_evaluate_is_deterministic_and_tracks_training(model_parallel, tmp_path)
     cfg = RunConfig()
     cfg.training.seq_length, cfg.training.train_iters = 128, 12
     cfg.training.eval_interval, cfg.training.eval_iters = 6, 2
+    cfg.training.eval_lengths, cfg.training.eval_documents = [32, 128], 2
     cfg.data.split = "90,10,0"
-    train, valid = build_datasets(cfg)
+    train, valid, docs = build_datasets(cfg)
     assert valid is not None and len(valid) < len(train)
+    assert [len(d) for d in docs] == [128, 128]
     trainer = Trainer(cfg, train, valid_dataset=valid)
+    trainer.long_documents = docs
     before = [p.detach().clone() for p in trainer.model.parameters()]
     first, again = trainer.evaluate(), trainer.evaluate()
     assert first == again
@@ -38,6 +41,16 @@ def test_evaluate_is_deterministic_and_tracks_training(model_parallel, tmp_path)
     assert validated[12]["validation_lm_loss"] < first - 0.5
     assert validated[12]["validation_ppl"] == pytest.approx(
         math.exp(validated[12]["validation_lm_loss"]))
+    # long-context validation: float64 cross entropy over the real vocabulary (padding rows
+    # of the output layer excluded, as in the exported model)
+    with torch.no_grad():
+        tokens = torch.stack(docs)  # [2, 128]: one window of 128 covers each document
+        logits = trainer.model(tokens, torch.arange(128)[None].expand(2, -1), None)
+        logits = logits[:, :-1, :cfg.model.vocab_size].double()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                tokens[:, 1:].reshape(-1))
+    assert validated[12]["validation_ppl_128"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert validated[12]["validation_ppl_32"] > validated[12]["validation_ppl_128"] * 0.9
 
 
 def test_validation_split_uses_only_held_out_documents(tmp_path):
