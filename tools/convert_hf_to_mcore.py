@@ -11,6 +11,7 @@ process converts for every power-of-two TP (other sizes: run this under torchrun
 """
 
 import argparse
+import ctypes
 import logging
 import os
 import sys
@@ -18,6 +19,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longctx.convert import ConversionError, hf_to_mcore  # noqa: E402
+
+
+def bound_heap_memory(threshold: int = 2**20) -> None:
+    """Serve every block of ``threshold`` bytes or more from its own mapping (glibc), so that
+    the converted layers' temporaries go back to the system when freed. By default glibc
+    raises this threshold after the first large free (up to 32 MB) and serves such blocks from
+    its heap, whose free space fragments and stays resident: a few layers' worth of memory."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (AttributeError, OSError):  # not glibc
+        pass
 
 
 def main(argv=None) -> str:
@@ -30,6 +42,7 @@ def main(argv=None) -> str:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bound_heap_memory()
     try:
         path = hf_to_mcore(args.hf_dir, args.save, tp=args.tensor_model_parallel_size,
                            pp=args.pipeline_model_parallel_size,

@@ -1,8 +1,15 @@
 """Hugging Face safetensors checkpoint -> megatron-core distributed checkpoint of ours.
 
 Everything is checked first (architecture, RoPE, sliding window, every tensor's presence and
-shape from the shard headers); only then is the model built at the requested layout and filled
-tensor by tensor, one layer at a time (peak memory: the model plus one layer of full tensors).
+shape from the shard headers); only then is the model built at the requested layout, without
+drawing weights, and filled tensor by tensor, one layer at a time. Memory: the source shards
+are mapped, not read, and each converted weight is written to a scratch file under the output
+directory and mapped back, so the weights live in the page cache (file-backed, reclaimable)
+rather than in process memory; the peak of anonymous memory is about one layer's tensors
+(benchmarks/convert_memory.py: ~0.15x the model, run through tools/convert_hf_to_mcore.py,
+which also keeps glibc from hoarding freed blocks). The scratch files are deleted once the
+checkpoint is written; meanwhile they take the converted model's size (fp32) plus its
+``linear_fc1`` weights again in free disk space.
 The result is a weights-only checkpoint (``iter_0000000``) that ``--pretrained-checkpoint``,
 ``--load`` and :func:`~megatron_longctx.model.load_model` accept; the source's tokenizer files
 and ``generation_config.json`` go to ``<out>/tokenizer/`` and its ``config.json`` to
@@ -18,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -81,9 +89,59 @@ def _carry_files(hf_dir: str, out_dir: str, hf: dict) -> None:
         json.dump(hf, f, indent=2)
 
 
+class _Scratch:
+    """Tensors backed by files in ``directory`` (shared mappings): what is written to them is
+    page cache, written back and reclaimable, never the process's anonymous memory."""
+
+    def __init__(self, directory: str):
+        self.directory, self.count = directory, 0
+        os.makedirs(directory, exist_ok=True)
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        path = os.path.join(self.directory, f"{self.count}.bin")
+        self.count += 1
+        nbytes = shape.numel() * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        with open(path, "w+b") as f:
+            f.truncate(nbytes)
+            buffer = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
+
+    def __call__(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A file-backed copy of ``tensor`` (cast to ``dtype`` while copying)."""
+        out = self.empty(tensor.shape, dtype or tensor.dtype)
+        out.copy_(tensor)
+        return out
+
+
+class _SavedFromScratch:
+    """The model as ``save_weights`` sees it: its sharded state dict with the factories applied
+    (as ``dist_checkpointing.save`` would) and every tensor that is a view into a larger
+    storage (the SwiGLU gate and up halves of ``linear_fc1``) moved to its own scratch file:
+    megatron-core's writer clones such views in memory, all of them at once."""
+
+    def __init__(self, model, scratch: _Scratch):
+        self.model, self.scratch = model, scratch
+
+    def sharded_state_dict(self) -> dict:
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+        state = self.model.sharded_state_dict()
+        apply_factories(state)
+        for item in nested_values(state):
+            if isinstance(item, ShardedTensor) and item.data is not None and \
+                    item.data.untyped_storage().nbytes() != item.data.nbytes:
+                item.data = self.scratch(item.data)
+        return state
+
+
 @torch.no_grad()
-def _fill(model, reader: SafetensorsReader, model_cfg, padded_vocab: int) -> None:
-    """Copy the HF tensors this rank needs into its shards, one layer at a time."""
+def _fill(model, reader: SafetensorsReader, model_cfg, padded_vocab: int,
+          scratch: _Scratch) -> None:
+    """Point each of this rank's parameters at its shard of the HF tensors (a scratch file's
+    mapping), one layer at a time; the parameters' own (untouched) storage is released."""
     from megatron_longctx.model.sharding import local_parameters, shard
 
     params = local_parameters(model)
@@ -96,7 +154,11 @@ def _fill(model, reader: SafetensorsReader, model_cfg, padded_vocab: int) -> Non
         full = group()
         for name in full.keys() & params.keys():
             param = params[name]
-            param.copy_(shard(model, name, full[name].to(param.dtype), param))
+            value = shard(model, name, full[name], param)
+            if value.shape != param.shape:
+                raise ValueError(f"{name}: converted shape {tuple(value.shape)}, model "
+                                 f"{tuple(param.shape)}")
+            param.data = scratch(value, param.dtype)
             filled.add(name)
         del full
     missing = sorted(set(params) - filled)
@@ -123,13 +185,20 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     parallel.validate(parallel.model_parallel_size, model_cfg)
     init_process_group()
     initialize_model_parallel(parallel, seed)
-    model = build_model(model_cfg, parallel)
-    _fill(model, reader, model_cfg,
-          padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size))
-    if any(fnmatch.fnmatch(n, "tokenizer*") for n in os.listdir(hf_dir)):
-        cfg.data.tokenizer_type = "HuggingFaceTokenizer"
-        cfg.data.tokenizer_model = os.path.join(os.path.abspath(out_dir), TOKENIZER_DIR)
-    path = save_weights(model, cfg, out_dir, step=0)
+    model = build_model(model_cfg, parallel, initialize=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    scratch_dir = os.path.join(out_dir, f".hf_to_mcore-scratch-{rank}")
+    try:
+        scratch = _Scratch(scratch_dir)
+        _fill(model, reader, model_cfg,
+              padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size),
+              scratch)
+        if any(fnmatch.fnmatch(n, "tokenizer*") for n in os.listdir(hf_dir)):
+            cfg.data.tokenizer_type = "HuggingFaceTokenizer"
+            cfg.data.tokenizer_model = os.path.join(os.path.abspath(out_dir), TOKENIZER_DIR)
+        path = save_weights(_SavedFromScratch(model, scratch), cfg, out_dir, step=0)
+    finally:
+        shutil.rmtree(scratch_dir, ignore_errors=True)
     if not dist.is_initialized() or dist.get_rank() == 0:
         _carry_files(hf_dir, out_dir, hf)
     logger.info("converted %s (%s, %d layers) to %s", hf_dir, arch, model_cfg.num_layers, path)

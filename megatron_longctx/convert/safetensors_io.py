@@ -1,7 +1,9 @@
 """Sharded safetensors (``model.safetensors.index.json``) read and written tensor by tensor.
 
-The reader opens each shard lazily with ``safe_open`` and reads one tensor per call; shapes
-come from the shard headers, so a checkpoint is checked before any tensor is read. The writer
+The reader maps each shard (private, copy-on-write) and returns tensors that are views of the
+mapping: their bytes are the file's pages in the page cache, never copied into process memory
+until someone transforms them. Shapes come from the shard headers, so a checkpoint is checked
+before any tensor is read. The writer
 holds at most one shard's worth of tensors (``max_shard_bytes``) and writes transformers'
 naming: ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors`` plus the index.
 """
@@ -9,7 +11,9 @@ naming: ``model.safetensors`` alone, or ``model-0000k-of-0000n.safetensors`` plu
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 
 import torch
 from safetensors import safe_open
@@ -19,6 +23,26 @@ from megatron_longctx.convert.hf_config import ConversionError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def map_file(path: str) -> torch.Tensor:
+    """The bytes of ``path`` as a uint8 tensor over a private mapping: reads come from the page
+    cache (file-backed, reclaimable), writes copy the page and never reach the file."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY),
+                                dtype=torch.uint8)
+
+
+def _header(path: str) -> tuple[int, dict]:
+    """(offset of the data, header) of a safetensors file."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return 8 + size, json.loads(f.read(size))
 
 
 class SafetensorsReader:
@@ -38,15 +62,18 @@ class SafetensorsReader:
         if missing:
             raise ConversionError(f"{directory}: shard(s) {missing} listed in {INDEX} are "
                                   f"missing")
-        self._handles = {}
+        self._handles, self._maps = {}, {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._entries: dict[tuple[str, str], tuple[int, dict]] = {}  # (file, name) -> header
         for name in files:
-            handle = self._open(name)
-            for key in handle.keys():
-                self._shapes[key] = tuple(handle.get_slice(key).get_shape())
+            start, header = _header(os.path.join(directory, name))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self._shapes[key] = tuple(entry["shape"])
+                    self._entries[name, key] = (start, entry)
         if self.file_of is None:
             self.file_of = dict.fromkeys(self._shapes, SINGLE)
-        absent = sorted(k for k in self.file_of if k not in self._shapes)
+        absent = sorted(k for k, f in self.file_of.items() if (f, k) not in self._entries)
         if absent:
             raise ConversionError(f"{INDEX} lists {absent[:3]} but their shards do not hold them")
 
@@ -62,9 +89,19 @@ class SafetensorsReader:
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, a view of its shard's mapping (a copy only for dtypes or offsets
+        a view cannot express)."""
         if name not in self.file_of:
             raise ConversionError(f"tensor {name} is not in {self.directory}")
-        return self._open(self.file_of[name]).get_tensor(name)
+        file = self.file_of[name]
+        start, entry = self._entries[file, name]
+        dtype = _DTYPES.get(entry["dtype"])
+        begin, end = entry["data_offsets"]
+        if dtype is None or (start + begin) % dtype.itemsize:
+            return self._open(file).get_tensor(name)
+        if file not in self._maps:
+            self._maps[file] = map_file(os.path.join(self.directory, file))
+        return self._maps[file][start + begin:start + end].view(dtype).reshape(entry["shape"])
 
     def check(self, expected: dict[str, tuple[int, ...]], ignore: tuple[str, ...] = ()) -> None:
         """Every expected tensor present with its shape; nothing else but ``ignore`` matches."""

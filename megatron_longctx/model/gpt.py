@@ -21,8 +21,11 @@ from megatron_longctx.rope import RotaryEmbedding
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
-                       recompute: TrainingConfig | None = None) -> TransformerConfig:
-    """Translate our model config into megatron-core's ``TransformerConfig`` (Llama choices)."""
+                       recompute: TrainingConfig | None = None,
+                       initialize: bool = True) -> TransformerConfig:
+    """Translate our model config into megatron-core's ``TransformerConfig`` (Llama choices).
+    ``initialize=False``: weights are left as allocated (``torch.empty``), for callers that
+    fill every one of them."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     granularity = recompute.recompute_granularity if recompute else None
     return TransformerConfig(
@@ -62,6 +65,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        perform_initialization=initialize,
     )
 
 
@@ -112,15 +116,41 @@ class LongContextGPTModel(GPTModel):
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
-                training: TrainingConfig | None = None) -> LongContextGPTModel:
-    """This rank's stage of the model (call after ``initialize_model_parallel``)."""
-    config = transformer_config(model, parallel, bf16, training)
+                training: TrainingConfig | None = None,
+                initialize: bool = True) -> LongContextGPTModel:
+    """This rank's stage of the model (call after ``initialize_model_parallel``);
+    ``initialize=False`` skips drawing the weights (see :func:`transformer_config`)."""
+    config = transformer_config(model, parallel, bf16, training, initialize)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
     gpt = LongContextGPTModel(
         config, model, vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
+    if not initialize:
+        _set_tensor_parallel_attributes(gpt)
     if torch.cuda.is_available():  # norms and rotary buffers are built on the CPU
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _set_tensor_parallel_attributes(gpt: torch.nn.Module) -> None:
+    """megatron-core marks a weight as TP-split (``tensor_model_parallel``, ``partition_dim``)
+    only while drawing it: mark the undrawn ones the same way."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in gpt.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)

@@ -48,12 +48,12 @@ from megatron_longctx.training.pretrained import (
 logger = logging.getLogger("megatron_longctx")
 
 
-def build_datasets(cfg: RunConfig):
+def build_datasets(cfg: RunConfig, tokenizer=None):
     """Training and validation datasets (the latter None without ``--eval-interval``) and the
     held-out long documents of ``--eval-lengths`` (or None); sets ``cfg.model.vocab_size`` from
     the tokenizer."""
     d, t = cfg.data, cfg.training
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    tokenizer = tokenizer or build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     cfg.model.vocab_size = tokenizer.vocab_size
     options = SampleOptions(t.seq_length, eod=tokenizer.eod,
                             reset_position_ids=d.reset_position_ids,
@@ -173,7 +173,13 @@ def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
             logger.warning("--use-checkpoint-args: no checkpoint to read; using the flags")
     cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
-    dataset, valid_dataset, long_documents = build_datasets(cfg)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    saved_vocab = (saved_args.get("model") or {}).get("vocab_size")
+    if saved_vocab is not None and saved_vocab != tokenizer.vocab_size:
+        raise ValueError(f"{path} was trained with a {saved_vocab}-token vocabulary, the "
+                         f"tokenizer of this run has {tokenizer.vocab_size}; give the "
+                         f"checkpoint's tokenizer (--tokenizer-type/--tokenizer-model)")
+    dataset, valid_dataset, long_documents = build_datasets(cfg, tokenizer)
     from megatron_longctx.training.trainer import Trainer
 
     trainer = Trainer(cfg, dataset, valid_dataset=valid_dataset)

@@ -300,6 +300,12 @@ def test_shape_mismatch_names_the_flag_and_checkpoint_args_fix_it(staged, single
     cfg.checkpoint.use_checkpoint_args = True
     trainer = prepare_stage(cfg, world_size=1)
     assert (cfg.model.num_layers, cfg.model.ffn_hidden_size) == (2, 176) and trainer.step == 0
+    from convert.hf_models import write_tokenizer  # a 23-token word-level tokenizer
+
+    write_tokenizer(str(root / "tok"))
+    cfg.data.tokenizer_type, cfg.data.tokenizer_model = "HuggingFaceTokenizer", str(root / "tok")
+    with pytest.raises(ValueError, match="258-token vocabulary, the tokenizer of this run has"):
+        prepare_stage(cfg, world_size=1)
 
 
 def test_metrics_reach_tensorboard(staged):
