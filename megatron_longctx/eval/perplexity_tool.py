@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default=None,
                    help="for .jsonl input; default: the first checkpoint's")
     p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="under torchrun: TP x PP processes share each forward")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--out", default="eval/perplexity", help="output directory")
     return p
 
@@ -74,8 +77,13 @@ def _documents(args, longest: int) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import torch.distributed as dist
+
+    from megatron_longctx.config import ParallelConfig
     from megatron_longctx.model import load_model
 
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     longest = args.lengths[-1]
     docs = _documents(args, longest)
     if not docs:
@@ -85,15 +93,19 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning("only %d documents have %d tokens", len(docs), longest)
     results = {}
     for ckpt in args.load:
-        model = load_model(ckpt)
+        model = load_model(ckpt, parallel)
+        writer = dist.get_rank() == 0  # every rank computes the same logits (TP-gathered)
         total = len(args.lengths) * len(docs) * (longest - 1)
         started = time.perf_counter()
-        with tqdm(total=total, unit="tok", desc=os.path.basename(ckpt.rstrip("/"))) as bar:
+        with tqdm(total=total, unit="tok", desc=os.path.basename(ckpt.rstrip("/")),
+                  disable=not writer) as bar:
             results[ckpt] = perplexity_by_length(
                 model, docs, args.lengths, args.stride,
                 progress=lambda length, n: bar.update(n))
         logger.info("%s: %.0f tokens/s", ckpt, total / (time.perf_counter() - started))
         del model
+    if dist.get_rank() != 0:
+        return results
     header = ["checkpoint", *[str(length) for length in args.lengths]]
     rows = [[ckpt, *[r[length]["ppl"] for length in args.lengths]] for ckpt, r in results.items()]
     meta = {"data": args.data, "lengths": args.lengths, "stride": args.stride,

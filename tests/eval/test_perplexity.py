@@ -3,6 +3,7 @@ transformers' own loss on the same weights; the tool writes its table, results.j
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from megatron_longctx.eval import perplexity, sliding_window_nll, token_nll
 from megatron_longctx.eval.perplexity import perplexity_by_length
 
 from convert.hf_models import make_hf_model
+from distributed import run_torchrun
 
 
 class Bigram(torch.nn.Module):
@@ -66,18 +68,23 @@ def test_window_perplexity_equals_transformers_loss(checkpoint):
     assert results[90]["ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
 
 
-def test_eval_perplexity_tool_writes_table_json_and_plot(checkpoint, tmp_path):
+def _documents(tmp_path) -> str:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_longctx.eval.perplexity_tool import main
-
-    _, ckpt = checkpoint
     prefix = str(tmp_path / "docs_text_document")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
     rng = np.random.default_rng(0)
     for n in (20, 80, 70, 100, 90):
         builder.add_document(torch.from_numpy(rng.integers(0, 50, n).astype(np.int32)), [n])
     builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_eval_perplexity_tool_writes_table_json_and_plot(checkpoint, tmp_path):
+    from megatron_longctx.eval.perplexity_tool import main
+
+    _, ckpt = checkpoint
+    prefix = _documents(tmp_path)
     out = tmp_path / "out"
     results = main(["--load", ckpt, "--data", prefix, "--lengths", "32,64",
                     "--num-documents", "2", "--out", str(out)])
@@ -86,3 +93,18 @@ def test_eval_perplexity_tool_writes_table_json_and_plot(checkpoint, tmp_path):
     assert saved["rows"][0]["32"] == pytest.approx(results[ckpt][32]["ppl"])
     assert (out / "perplexity.md").read_text().startswith("| checkpoint | 32 | 64 |")
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tp2_and_pp2_give_the_single_process_numbers(checkpoint, tmp_path):
+    from megatron_longctx.eval.perplexity_tool import main
+
+    _, ckpt = checkpoint
+    prefix = _documents(tmp_path)
+    single = main(["--load", ckpt, "--data", prefix, "--lengths", "32,64", "--num-documents",
+                   "2", "--out", str(tmp_path / "one")])[ckpt]
+    run_torchrun(os.path.join(os.path.dirname(__file__), "perplexity_worker.py"), 2, ckpt,
+                 prefix, str(tmp_path))
+    for layout in ("tp2", "pp2"):
+        rows = json.loads((tmp_path / layout / "results.json").read_text())["rows"][0]
+        for length in (32, 64):
+            assert rows[str(length)] == pytest.approx(single[length]["ppl"], rel=1e-5), layout
