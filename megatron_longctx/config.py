@@ -205,6 +205,9 @@ class TrainingConfig:
     recompute_granularity: str | None = None  # None | selective | full
     recompute_method: str = "uniform"  # full: uniform | block
     recompute_num_layers: int = 1  # full: layers per recompute chunk (uniform) or count (block)
+    # loss without the full logits (megatron_longctx.model.chunked_loss): tokens per chunk;
+    # None: chunked when one micro-batch's fp32 logits would exceed 1 GiB; 0: off
+    cross_entropy_chunk_size: int | None = None
     eval_interval: int | None = None  # validation loss every N steps (on the --split valid part)
     eval_iters: int = 10  # validation global batches per evaluation
     # long-context validation: perplexity at these context lengths on held-out documents of at
@@ -255,6 +258,9 @@ class TrainingConfig:
         if self.recompute_method not in ("uniform", "block"):
             raise ValueError(f"--recompute-method must be uniform or block, got "
                              f"{self.recompute_method!r}")
+        if self.cross_entropy_chunk_size is not None and self.cross_entropy_chunk_size < 0:
+            raise ValueError(f"--cross-entropy-chunk-size must be >= 0 (0: off), got "
+                             f"{self.cross_entropy_chunk_size}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}.")
         if self.lr_warmup_init > self.lr:

@@ -13,50 +13,36 @@ from tqdm import tqdm
 
 from megatron_longctx.eval.perplexity import long_documents, perplexity_by_length
 from megatron_longctx.eval.report import plot_lines, write_table
+from megatron_longctx.eval.tool_args import (
+    add_checkpoint_args,
+    checkpoint_tokenizer,
+    label,
+    lengths_arg,
+    parallel_config,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _lengths(value: str) -> list[int]:
-    lengths = sorted({int(v) for v in value.replace(",", " ").split()})
-    if not lengths or lengths[0] < 2:
-        raise argparse.ArgumentTypeError("give context lengths >= 2, e.g. 1024,2048,4096")
-    return lengths
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--load", nargs="+", required=True, help="checkpoint directories")
     p.add_argument("--data", required=True,
                    help="indexed dataset prefix (…_text_document) or a .jsonl file")
     p.add_argument("--json-key", default="text", help="text field of --data .jsonl")
-    p.add_argument("--lengths", type=_lengths, required=True, help="e.g. 1024,2048,4096")
+    p.add_argument("--lengths", type=lengths_arg, required=True, help="e.g. 1024,2048,4096")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens scored per window (default: length - 1)")
     p.add_argument("--num-documents", type=int, default=5,
                    help="documents of at least max(--lengths) tokens to score")
     p.add_argument("--first-document", type=int, default=0,
                    help="skip documents before this index (held-out part of the data)")
-    p.add_argument("--tokenizer-type", default=None,
-                   help="for .jsonl input; default: the first checkpoint's")
-    p.add_argument("--tokenizer-model", default=None)
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                   help="under torchrun: TP x PP processes share each forward")
-    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--out", default="eval/perplexity", help="output directory")
+    add_checkpoint_args(p, out="eval/perplexity")
     return p
 
 
 def _documents(args, longest: int) -> list[torch.Tensor]:
     if args.data.endswith((".jsonl", ".json")):
-        from megatron_longctx.data.tokenizers import build_tokenizer
-        from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
-
-        kind, model = args.tokenizer_type, args.tokenizer_model
-        if kind is None:
-            data = (load_common(resolve_checkpoint(args.load[0])).get("args") or {}).get("data")
-            kind, model = data["tokenizer_type"], data["tokenizer_model"]
-        tokenizer = build_tokenizer(kind, model)
+        tokenizer = checkpoint_tokenizer(args)
         docs = []
         with open(args.data) as f:
             for i, line in enumerate(f):
@@ -79,11 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch.distributed as dist
 
-    from megatron_longctx.config import ParallelConfig
     from megatron_longctx.model import load_model
 
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    parallel = parallel_config(args)
     longest = args.lengths[-1]
     docs = _documents(args, longest)
     if not docs:
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         writer = dist.get_rank() == 0  # every rank computes the same logits (TP-gathered)
         total = len(args.lengths) * len(docs) * (longest - 1)
         started = time.perf_counter()
-        with tqdm(total=total, unit="tok", desc=os.path.basename(ckpt.rstrip("/")),
+        with tqdm(total=total, unit="tok", desc=label(ckpt),
                   disable=not writer) as bar:
             results[ckpt] = perplexity_by_length(
                 model, docs, args.lengths, args.stride,
@@ -107,13 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.get_rank() != 0:
         return results
     header = ["checkpoint", *[str(length) for length in args.lengths]]
-    rows = [[ckpt, *[r[length]["ppl"] for length in args.lengths]] for ckpt, r in results.items()]
+    rows = [[label(ckpt), *[r[length]["ppl"] for length in args.lengths]]
+            for ckpt, r in results.items()]
     meta = {"data": args.data, "lengths": args.lengths, "stride": args.stride,
             "documents": len(docs), "tokens_per_length": len(docs) * (longest - 1),
             "by_checkpoint": {c: {str(k): v for k, v in r.items()} for c, r in results.items()}}
     paths = write_table(args.out, "perplexity", header, rows, meta)
-    series = {os.path.basename(c.rstrip("/")) or c: (args.lengths,
-                                                     [r[n]["ppl"] for n in args.lengths])
+    series = {label(c): (args.lengths, [r[n]["ppl"] for n in args.lengths])
               for c, r in results.items()}
     plot_lines(os.path.join(args.out, "perplexity.png"), series, "context length (tokens)",
                "perplexity", f"perplexity by context length ({len(docs)} documents)")

@@ -53,3 +53,30 @@ def plot_lines(path: str, series: dict[str, tuple[list, list]], xlabel: str, yla
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_heatmaps(path: str, grids: dict[str, list[list[float]]], rows: list, cols: list,
+                  xlabel: str, ylabel: str, title: str) -> str:
+    """One heatmap per grid ``{label: values[row][col]}`` in [0, 1], side by side, cells
+    annotated in percent (passkey: length x depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.55 * len(cols) * n + 0.6 * n,
+                                            1.4 + 0.4 * len(rows)), squeeze=False)
+    for ax, (name, values) in zip(axes[0], grids.items()):
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -26,6 +26,7 @@ from torch import Tensor
 from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
 from megatron_longctx.model.gpu_kernels import transformer_engine_attention
+from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
 
 
@@ -34,11 +35,13 @@ class AttentionContext(PackedSeqParams):
     """Per-micro-batch attention inputs.
 
     ``doc_starts[b]``: sorted global start positions of the packed documents of sample ``b``
-    (attention stays within a document); None for plain causal attention.
+    (attention stays within a document); None for plain causal attention. ``kv_cache``: during
+    generation, the keys/values of earlier tokens (see :mod:`..kv_cache`).
     """
 
     rotary: RotaryTables | None = None
     doc_starts: list[list[int]] | None = None
+    kv_cache: KVCache | None = None
 
 
 class CoreAttention(MegatronModule):
@@ -56,6 +59,7 @@ class CoreAttention(MegatronModule):
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
+        self.layer_number = layer_number
         self.cp_group = pg_collection.cp if pg_collection is not None else None
         te_attention = transformer_engine_attention()
         self.te_attention = None if te_attention is None else te_attention(
@@ -77,17 +81,15 @@ class CoreAttention(MegatronModule):
             query = apply_rotary(query, rotary.cos_q, rotary.sin_q, self.interleaved)
             key = apply_rotary(key, rotary.cos_k, rotary.sin_k, self.interleaved)
         s, b, heads, head_dim = query.shape
+        cache = getattr(packed_seq_params, "kv_cache", None)
+        if cache is not None:
+            return self._attend_with_cache(query, key, value, cache)
         doc_starts = getattr(packed_seq_params, "doc_starts", None)
         if self.te_attention is not None and doc_starts is None:
             # TE handles causal masking and, under CP, the exchange across ranks itself
             return self.te_attention(query, key, value, None, attn_mask_type=AttnMaskType.causal)
-        cp_size = self.config.context_parallel_size
-        if cp_size > 1 or doc_starts is not None:
-            chunks = [(0, s, 0)]
-            if cp_size > 1:
-                group = self.cp_group or parallel_state.get_context_parallel_group()
-                key, value = gather_sequence(key, group), gather_sequence(value, group)
-                chunks = local_query_chunks(dist.get_rank(group), cp_size, s)
+        if self.config.context_parallel_size > 1 or doc_starts is not None:
+            key, value, chunks = self._global_keys(key, value, s)
             return document_causal_attention(query, key, value, self.softmax_scale, chunks,
                                              doc_starts)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
@@ -97,3 +99,26 @@ class CoreAttention(MegatronModule):
             enable_gqa=k.shape[1] != q.shape[1],
         )  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
+
+    def _global_keys(self, key: Tensor, value: Tensor, s: int
+                     ) -> tuple[Tensor, Tensor, list[tuple[int, int, int]]]:
+        """Keys/values of the whole sequence (all-gathered across CP ranks) and this rank's
+        query chunks ``(local_start, local_end, global_start)``."""
+        cp_size = self.config.context_parallel_size
+        if cp_size == 1:
+            return key, value, [(0, s, 0)]
+        group = self.cp_group or parallel_state.get_context_parallel_group()
+        key, value = gather_sequence(key, group), gather_sequence(value, group)
+        return key, value, local_query_chunks(dist.get_rank(group), cp_size, s)
+
+    def _attend_with_cache(self, query: Tensor, key: Tensor, value: Tensor, cache: KVCache
+                           ) -> Tensor:
+        """Prefill (``cache.offset == 0``, split across CP ranks like training) or decode (new
+        tokens replicated on every CP rank, queries at global positions from ``offset``)."""
+        s = query.shape[0]
+        if cache.offset == 0:
+            key, value, chunks = self._global_keys(key, value, s)
+        else:
+            chunks = [(0, s, cache.offset)]
+        key, value = cache.update(self.layer_number, key, value)
+        return document_causal_attention(query, key, value, self.softmax_scale, chunks, None)

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from megatron_longctx.config import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_longctx.model.attention import AttentionContext
+from megatron_longctx.model.chunked_loss import chunked_cross_entropy, logits_chunk_tokens
+from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.model.layer_spec import llama_block_spec
 from megatron_longctx.rope import RotaryEmbedding
 
@@ -82,7 +84,8 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
 
 class LongContextGPTModel(GPTModel):
     def __init__(self, config: TransformerConfig, model: ModelConfig, vocab_size: int,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True,
+                 cross_entropy_chunk_size: int | None = None):
         super().__init__(
             config=config,
             transformer_layer_spec=llama_block_spec(config),
@@ -93,6 +96,8 @@ class LongContextGPTModel(GPTModel):
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
             position_embedding_type="none",
         )
+        # --cross-entropy-chunk-size (None: automatic, 0: off), read by _postprocess
+        self.cross_entropy_chunk_size = cross_entropy_chunk_size
         self.rotary = RotaryEmbedding(
             model.rope_parameters, model.head_dim, model.num_attention_heads, model.query_groups,
             rotary_percent=model.rotary_percent,
@@ -103,16 +108,41 @@ class LongContextGPTModel(GPTModel):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, doc_starts: list[list[int]] | None = None,
-                rope_seq_len: int | None = None, **kwargs) -> Tensor:
+                rope_seq_len: int | None = None, kv_cache: KVCache | None = None,
+                **kwargs) -> Tensor:
         """input_ids, position_ids, labels: ``[b, s]`` (this CP rank's tokens, with their global
         positions). ``doc_starts``: global document starts per sample (packed samples).
-        ``rope_seq_len``: the full sequence length for length-dependent RoPE under CP.
+        ``rope_seq_len``: the full sequence length for length-dependent RoPE under CP (and the
+        final length during generation). ``kv_cache``: generation's cache (``input_ids`` are
+        then the tokens after the cached ones).
         Returns per-token loss ``[b, s]`` when labels are given, else logits
         ``[b, s, vocab / tp]``."""
         tables = self.rotary(position_ids, dtype=self.config.params_dtype, seq_len=rope_seq_len)
-        context = AttentionContext(qkv_format="sbhd", rotary=tables, doc_starts=doc_starts)
+        context = AttentionContext(qkv_format="sbhd", rotary=tables, doc_starts=doc_starts,
+                                   kv_cache=kv_cache)
         return super().forward(input_ids, position_ids, attention_mask, labels=labels,
                                packed_seq_params=context, **kwargs)
+
+    def _postprocess(self, hidden_states: Tensor, input_ids: Tensor, position_ids: Tensor,
+                     labels: Tensor | None, *args, **kwargs) -> Tensor:
+        """With labels, the loss comes from the decoder's hidden states ``[s, b, h]`` in
+        sequence chunks (:mod:`megatron_longctx.model.chunked_loss`) when chunking is on, never
+        materializing the full logits; megatron-core's path otherwise (logits, MTP, inference).
+        """
+        chunk = 0
+        if (labels is not None and self.post_process and self.config.mtp_num_layers is None
+                and kwargs.get("inference_context") is None):
+            chunk = logits_chunk_tokens(self.cross_entropy_chunk_size, labels.numel(),
+                                        self.output_layer.output_size_per_partition)
+        if not chunk:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels,
+                                        *args, **kwargs)
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else self.output_layer.weight)
+        out = self.output_layer
+        return chunked_cross_entropy(hidden_states, weight, labels, chunk,
+                                     sequence_parallel=out.sequence_parallel,
+                                     allreduce_grad=out.allreduce_dgrad, group=out.tp_group)
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
@@ -126,6 +156,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
         config, model, vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        cross_entropy_chunk_size=training.cross_entropy_chunk_size if training else None,
     )
     if not initialize:
         _set_tensor_parallel_attributes(gpt)

@@ -4,7 +4,7 @@ conversion).
 The model config comes from the checkpoint itself (``args.model`` in its common state). In a
 plain process the model is built single-process (a one-rank gloo group is started if none
 exists); inside an initialized distributed run it is built at the current (or the given)
-TP/PP layout: megatron-core dist checkpoints reshard on load, so any layout reads any
+TP/PP/CP layout: megatron-core dist checkpoints reshard on load, so any layout reads any
 checkpoint.
 """
 
@@ -16,58 +16,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from torch import Tensor
+from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_longctx.config import ModelConfig, ParallelConfig, RunConfig
-from megatron_longctx.model.gpt import LongContextGPTModel, build_model
-
-
-class CausalLM(torch.nn.Module):
-    """``model(input_ids [b, s], position_ids=None) -> logits [b, s, vocab]`` (fp32-exact
-    logits of every vocabulary entry, padding rows dropped, gathered across TP; with PP > 1
-    every pipeline rank gets them, computed without autograd)."""
-
-    def __init__(self, gpt: LongContextGPTModel, model_cfg: ModelConfig):
-        super().__init__()
-        self.gpt, self.config = gpt, model_cfg
-
-    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise ValueError("load_model's forward runs whole sequences; use CP=1")
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-            position_ids = position_ids[None].expand_as(input_ids)
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            return self._logits(self.gpt(input_ids, position_ids, None))
-        with torch.no_grad():
-            return self._pipelined(input_ids, position_ids)
-
-    def _logits(self, local: Tensor) -> Tensor:  # [b, s, padded_vocab / tp]
-        full = tensor_parallel.gather_from_tensor_model_parallel_region(local)
-        return full[..., :self.config.vocab_size]
-
-    def _pipelined(self, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """Stage by stage: hidden states ``[s, b, h]`` go to the next stage; the last stage's
-        logits are broadcast to every stage."""
-        b, s = input_ids.shape
-        dtype = self.gpt.config.params_dtype
-        if not parallel_state.is_pipeline_first_stage():
-            hidden = torch.empty(s, b, self.config.hidden_size, dtype=dtype,
-                                 device=input_ids.device)
-            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            self.gpt.set_input_tensor(hidden)
-        out = self.gpt(input_ids, position_ids, None)
-        if not parallel_state.is_pipeline_last_stage():
-            dist.send(out.contiguous(),
-                      dst=parallel_state.get_pipeline_model_parallel_next_rank())
-            logits = torch.empty(b, s, self.config.vocab_size, dtype=dtype,
-                                 device=input_ids.device)
-        else:
-            logits = self._logits(out).contiguous()
-        dist.broadcast(logits, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
-        return logits
+from megatron_longctx.model.causal_lm import CausalLM
+from megatron_longctx.model.gpt import build_model
 
 
 def model_config_from_args(args: dict) -> ModelConfig:

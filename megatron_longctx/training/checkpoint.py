@@ -19,9 +19,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import queue
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from functools import partial
 from types import SimpleNamespace
 
@@ -159,7 +161,8 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
                 "optimizer": save_optim, "rng": save_rng}
     finalize = partial(_publish, root, trainer.step, keep_last)
     if async_queue is None:
-        dist_checkpointing.save(state, tmp, content_metadata=metadata)
+        with _in_process_results_queue():
+            dist_checkpointing.save(state, tmp, content_metadata=metadata)
         finalize()
     else:
         request = dist_checkpointing.save(state, tmp, content_metadata=metadata,
@@ -167,6 +170,25 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     return final
+
+
+@contextmanager
+def _in_process_results_queue():
+    """megatron-core's file writer reports results through a queue served by a *spawned*
+    ``multiprocessing.Manager`` (it re-imports the launching script: ~4 s, once per process).
+    Only an async save needs a queue that crosses processes; a synchronous save writes from
+    this process (its forked writers report through their own queue), so a plain queue
+    serves."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:  # made by an earlier async save: keep it
+        yield
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
 
 
 def save_weights(model, cfg, root: str, step: int = 0) -> str:
