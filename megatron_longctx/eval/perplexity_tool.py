@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 
-import torch
 from tqdm import tqdm
 
-from megatron_longctx.eval.perplexity import long_documents, perplexity_by_length
+from megatron_longctx.eval.perplexity import perplexity_by_length
 from megatron_longctx.eval.report import plot_lines, write_table
 from megatron_longctx.eval.tool_args import (
     add_checkpoint_args,
-    checkpoint_tokenizer,
+    add_document_args,
     label,
     lengths_arg,
+    long_documents_arg,
     parallel_config,
 )
 
@@ -26,38 +25,12 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", required=True,
-                   help="indexed dataset prefix (…_text_document) or a .jsonl file")
-    p.add_argument("--json-key", default="text", help="text field of --data .jsonl")
     p.add_argument("--lengths", type=lengths_arg, required=True, help="e.g. 1024,2048,4096")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens scored per window (default: length - 1)")
-    p.add_argument("--num-documents", type=int, default=5,
-                   help="documents of at least max(--lengths) tokens to score")
-    p.add_argument("--first-document", type=int, default=0,
-                   help="skip documents before this index (held-out part of the data)")
+    add_document_args(p, "documents of at least max(--lengths) tokens to score")
     add_checkpoint_args(p, out="eval/perplexity")
     return p
-
-
-def _documents(args, longest: int) -> list[torch.Tensor]:
-    if args.data.endswith((".jsonl", ".json")):
-        tokenizer = checkpoint_tokenizer(args)
-        docs = []
-        with open(args.data) as f:
-            for i, line in enumerate(f):
-                if i < args.first_document:
-                    continue
-                ids = tokenizer.tokenize(json.loads(line)[args.json_key])
-                if len(ids) >= longest:
-                    docs.append(torch.tensor(ids, dtype=torch.long))
-                    if len(docs) == args.num_documents:
-                        break
-        return docs
-    from megatron_longctx.data.long_context_dataset import open_indexed
-
-    return long_documents(open_indexed(args.data), longest, args.num_documents,
-                          start=args.first_document)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parallel = parallel_config(args)
     longest = args.lengths[-1]
-    docs = _documents(args, longest)
+    docs = long_documents_arg(args, longest)
     if not docs:
         raise SystemExit(f"error: {args.data} has no document of {longest} tokens from document "
                          f"{args.first_document} on; lower the largest --lengths")

@@ -4,6 +4,7 @@ the tokenizer (by default the one the first checkpoint was trained with), the ou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from megatron_longctx.config import ParallelConfig
@@ -30,6 +31,40 @@ def lengths_arg(value: str) -> list[int]:
     if not lengths or lengths[0] < 2:
         raise argparse.ArgumentTypeError("give context lengths >= 2, e.g. 1024,2048,4096")
     return lengths
+
+
+def add_document_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", required=True,
+                   help="indexed dataset prefix (…_text_document) or a .jsonl file")
+    p.add_argument("--json-key", default="text", help="text field of --data .jsonl")
+    p.add_argument("--num-documents", type=int, default=5, help=what)
+    p.add_argument("--first-document", type=int, default=0,
+                   help="skip documents before this index (held-out part of the data)")
+
+
+def long_documents_arg(args: argparse.Namespace, min_length: int) -> list:
+    """Token tensors of the first ``--num-documents`` documents of ``--data`` (from
+    ``--first-document`` on) with at least ``min_length`` tokens."""
+    import torch
+
+    if args.data.endswith((".jsonl", ".json")):
+        tokenizer = checkpoint_tokenizer(args)
+        docs = []
+        with open(args.data) as f:
+            for i, line in enumerate(f):
+                if i < args.first_document:
+                    continue
+                ids = tokenizer.tokenize(json.loads(line)[args.json_key])
+                if len(ids) >= min_length:
+                    docs.append(torch.tensor(ids, dtype=torch.long))
+                    if len(docs) == args.num_documents:
+                        break
+        return docs
+    from megatron_longctx.data.long_context_dataset import open_indexed
+    from megatron_longctx.eval.perplexity import long_documents
+
+    return long_documents(open_indexed(args.data), min_length, args.num_documents,
+                          start=args.first_document)
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:

@@ -8,6 +8,8 @@ last stage broadcasts. Generation prefills with TP and CP and decodes with TP (P
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -17,6 +19,7 @@ from megatron_longctx.config import ModelConfig
 from megatron_longctx.model.context_parallel import chunk_ids, slice_for_cp_rank
 from megatron_longctx.model.gpt import LongContextGPTModel
 from megatron_longctx.model.kv_cache import KVCache
+from megatron_longctx.rope import RotaryEmbedding
 
 
 class CausalLM(torch.nn.Module):
@@ -27,6 +30,16 @@ class CausalLM(torch.nn.Module):
     def __init__(self, gpt: LongContextGPTModel, model_cfg: ModelConfig):
         super().__init__()
         self.gpt, self.config = gpt, model_cfg
+
+    def set_rope_parameters(self, rope_parameters: dict) -> None:
+        """The same weights under other RoPE settings (LongRoPE search, method comparisons):
+        a new rotary module for this rank's heads, validated now."""
+        old = self.gpt.rotary
+        self.gpt.rotary = RotaryEmbedding(
+            rope_parameters, old.head_dim, old.num_attention_heads, old.num_query_groups,
+            old.rotary_percent, old.max_position_embeddings, old.tp_rank, old.tp_size,
+        ).to(old.inv_freq_q.device)
+        self.config = dataclasses.replace(self.config, rope_parameters=dict(rope_parameters))
 
     def forward(self, input_ids: Tensor, position_ids: Tensor | None = None,
                 rope_seq_len: int | None = None) -> Tensor:

@@ -95,7 +95,7 @@ def test_eval_perplexity_tool_writes_table_json_and_plot(checkpoint, tmp_path):
     assert (out / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tp2_and_pp2_give_the_single_process_numbers(checkpoint, tmp_path):
+def test_tp2_pp2_and_cp2_give_the_single_process_numbers(checkpoint, tmp_path):
     from megatron_longctx.eval.perplexity_tool import main
 
     _, ckpt = checkpoint
@@ -104,7 +104,7 @@ def test_tp2_and_pp2_give_the_single_process_numbers(checkpoint, tmp_path):
                    "2", "--out", str(tmp_path / "one")])[ckpt]
     run_torchrun(os.path.join(os.path.dirname(__file__), "perplexity_worker.py"), 2, ckpt,
                  prefix, str(tmp_path))
-    for layout in ("tp2", "pp2"):
+    for layout in ("tp2", "pp2", "cp2"):
         rows = json.loads((tmp_path / layout / "results.json").read_text())["rows"][0]
         for length in (32, 64):
             assert rows[str(length)] == pytest.approx(single[length]["ppl"], rel=1e-5), layout
