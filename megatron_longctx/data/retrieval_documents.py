@@ -5,7 +5,9 @@ passkey accuracy would be zero for every method and say nothing. Mixing a small 
 documents into pretraining teaches the skill at the training length; whether it survives at
 longer contexts is then what a context-extension method decides. They use the passkey
 template (METHODS.md §6) with keys of their own, and lengths spread log-uniformly so that
-both short- and long-context training see complete documents.
+both short- and long-context training see complete documents. A document holds 1-4 episodes
+(filler, a new key, filler, the question and its answer): several recalls per document give a
+small model enough examples to learn copying within a few hundred steps.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ from megatron_longctx.eval.passkey import FILLER, INTRO, MAX_KEY, NEEDLE, QUESTI
 
 
 def retrieval_document(rng: random.Random, filler_repeats: int) -> str:
-    """Intro, ``filler_repeats`` filler sentences with the needle at a random place among
-    them, the question and its answer."""
-    key = rng.randint(1, MAX_KEY)
-    before = rng.randint(0, filler_repeats)
-    parts = [INTRO, *[FILLER] * before, NEEDLE.format(key=key),
-             *[FILLER] * (filler_repeats - before), f"{QUESTION} {key}."]
+    """The intro, then 1-4 episodes that share ``filler_repeats`` filler sentences (spread at
+    random before and after each episode's key), each ending with the question and the answer
+    (that episode's key)."""
+    episodes = rng.randint(1, 4)
+    cuts = sorted(rng.randint(0, filler_repeats) for _ in range(2 * episodes - 1))
+    gaps = [b - a for a, b in zip([0, *cuts], [*cuts, filler_repeats])]  # 2 per episode
+    parts = [INTRO]
+    for e in range(episodes):
+        key = rng.randint(1, MAX_KEY)
+        parts += [*[FILLER] * gaps[2 * e], NEEDLE.format(key=key), *[FILLER] * gaps[2 * e + 1],
+                  f"{QUESTION} {key}."]
     return " ".join(parts)
 
 

@@ -65,7 +65,10 @@ def reading(results: ExtensionResults, base: str, control: str, train_length: in
         text.append(f" Passkey retrieval at {pk_target} tokens (mean over depths): " + ", ".join(
             f"{r} {100 * s:.0f}%" for r, s in scores.items() if s is not None) + ".")
         short_pk = {r: acc.get(train_length) for r, acc in results.passkey.items()}
-        if short_pk.get(base) is not None:
+        if short_pk.get(base) == 0.0:
+            text.append(f" The base retrieves no key even at its {train_length}-token training "
+                        f"length, so passkey cannot separate the methods at this scale.")
+        elif short_pk.get(base) is not None:
             text.append(f" At {train_length} tokens the base retrieves {100 * short_pk[base]:.0f}%"
                         f" of keys: what the extension methods have to carry over.")
     return "".join(text)

@@ -19,6 +19,9 @@ def test_reading_follows_the_numbers():
            "control's 9.00, so the extension costs short-context quality" in text
     assert "Passkey retrieval at 2048 tokens (mean over depths): base 0%, abf 50%." in text
     assert "At 256 tokens the base retrieves 90% of keys" in text
+    results.passkey["base"][256] = 0.0
+    assert "The base retrieves no key even at its 256-token" in reading(results, "base",
+                                                                        "control", 256)
     # a method at the control's level is not counted as beating it
     results.perplexity["abf"][2048] = 400.0
     assert "Beating" not in reading(results, "base", "control", 256)
