@@ -37,6 +37,7 @@ def worker(seq: int, cp: int, out: str, steps: int) -> None:
     from megatron_longctx.training.trainer import Trainer
 
     cfg = RunConfig()
+    cfg.data.data_path = ["stdlib"]
     m, t = cfg.model, cfg.training
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 2, 128, 352
     m.num_attention_heads, m.num_query_groups = 4, 2

@@ -37,6 +37,7 @@ def run_config(seq: int, bf16: bool, steps: int):
     from megatron_longctx.config import RunConfig
 
     cfg = RunConfig()
+    cfg.data.data_path = ["stdlib"]
     m, t = cfg.model, cfg.training
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 4, 256, 688
     m.num_attention_heads, m.num_query_groups, m.vocab_size = 8, 2, 32000

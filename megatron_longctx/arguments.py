@@ -15,6 +15,11 @@ import typing
 from typing import Any
 
 from megatron_longctx.config import RunConfig, chain_stages, load_stages
+from megatron_longctx.megatron_flags import (
+    add_megatron_flags,
+    apply_megatron_flags,
+    pop_megatron_flags,
+)
 
 
 def float_list(value: str) -> list[float]:
@@ -57,6 +62,9 @@ FLAG_ALIASES = {
     "override_opt_param_scheduler": ["--override-opt_param-scheduler"],
     "use_checkpoint_opt_param_scheduler": ["--use-checkpoint-opt_param-scheduler"],
 }
+# fields that are not flags: the model's vocabulary comes from the tokenizer (--vocab-size is
+# Megatron-LM's tokenizer setting, data.vocab_size)
+NOT_FLAGS = {("model", "vocab_size")}
 
 
 def _flag(name: str) -> str:
@@ -81,6 +89,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                         "checkpoint/logging, optionally a list of stages)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, build the model, print sizes, and exit")
+    parser.add_argument("--world-size", type=int,
+                        help="with --dry-run: validate the layout for this many ranks without "
+                             "launching them (default: the launched processes)")
     defaults = RunConfig()
     hints = {}
     for section in dataclasses.fields(RunConfig):
@@ -89,8 +100,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         section_hints = typing.get_type_hints(type(section_obj))
         for f in dataclasses.fields(section_obj):
             tp = _arg_type(section_hints[f.name])
-            if tp is dict or typing.get_origin(tp) is dict:
-                continue  # structured: set through dedicated flags or YAML
+            if tp is dict or typing.get_origin(tp) is dict or (section.name, f.name) in NOT_FLAGS:
+                continue  # structured (dedicated flags or YAML), or not set by a flag
             hints[f.name] = section.name
             default = getattr(section_obj, f.name)
             if tp is bool:
@@ -107,6 +118,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "rope", "RoPE method and parameters (HF rope_parameters; see megatron_longctx/rope)")
     for flag, (key, tp) in ROPE_FLAGS.items():
         rope.add_argument(_flag(flag), dest=flag, type=tp, help=f"rope_parameters['{key}']")
+    add_megatron_flags(parser)
     parser.set_defaults(_sections=hints)
     return parser
 
@@ -127,9 +139,21 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     given = vars(args).copy()
     sections = given.pop("_sections")
     path = given.pop("config", None)
-    given.pop("dry_run", None)
+    world_size = given.pop("world_size", None)
+    if world_size is not None and (world_size < 1 or not given.get("dry_run")):
+        raise ValueError("--world-size N (N >= 1) is for --dry-run: a real run takes its size "
+                         "from the launcher (torchrun or srun)")
+    for name in ("dry_run", "megatron_notes"):
+        given.pop(name, None)
+    megatron = pop_megatron_flags(given)
+    explicit = set(given) | {ROPE_FLAGS[k][0] for k in given if k in ROPE_FLAGS}
     stages = load_stages(path) if path else [RunConfig()]
-    return chain_stages([_apply_flags(cfg, given, sections) for cfg in stages])
+    configs = []
+    for cfg in stages:
+        cfg = _apply_flags(cfg, given, sections)
+        args.megatron_notes = apply_megatron_flags(cfg, megatron, explicit)
+        configs.append(cfg)
+    return chain_stages(configs)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -141,13 +165,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def parse_config(argv: list[str] | None = None, description: str = ""
                  ) -> tuple[RunConfig, argparse.Namespace]:
-    parser = build_parser(description)
-    args = parser.parse_args(argv)
-    return config_from_args(argparse.Namespace(**vars(args))), args
+    configs, args = parse_stages(argv, description)
+    if len(configs) != 1:
+        raise ValueError(f"the recipe has {len(configs)} stages; run it with tools/pretrain.py")
+    return configs[0], args
 
 
 def parse_stages(argv: list[str] | None = None, description: str = ""
                  ) -> tuple[list[RunConfig], argparse.Namespace]:
+    """The stage configs and the parsed flags; ``args.megatron_notes``: the startup lines for
+    Megatron-LM flags without effect here."""
     parser = build_parser(description)
     args = parser.parse_args(argv)
-    return configs_from_args(argparse.Namespace(**vars(args))), args
+    parsed = argparse.Namespace(**vars(args))
+    configs = configs_from_args(parsed)
+    args.megatron_notes = getattr(parsed, "megatron_notes", [])
+    return configs, args

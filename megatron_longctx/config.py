@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+# Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend)
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+
 
 @dataclass
 class ModelConfig:
@@ -39,6 +42,15 @@ class ModelConfig:
     )
     rotary_percent: float = 1.0
     rotary_interleaved: bool = False
+    # Megatron-LM's padding: vocab rows padded to a multiple of this x TP (model.gpt)
+    make_vocab_size_divisible_by: int = 128
+    # dropout as in Megatron-LM (its defaults are 0.1; Llama trains without)
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # layer spec (None: Transformer Engine's where it is installed with CUDA, else local) and
+    # core attention (Megatron-LM's AttnBackend values; see megatron_longctx.model.attention)
+    transformer_impl: str | None = None
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +76,19 @@ class ModelConfig:
                 f"--num-query-groups {self.query_groups}; each KV group must serve the same "
                 f"number of query heads."
             )
+        if self.make_vocab_size_divisible_by < 1:
+            raise ValueError(f"--make-vocab-size-divisible-by must be >= 1, got "
+                             f"{self.make_vocab_size_divisible_by}")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got "
+                                 f"{getattr(self, name)}")
+        if self.transformer_impl not in (None, "local", "transformer_engine"):
+            raise ValueError(f"--transformer-impl must be local or transformer_engine, got "
+                             f"{self.transformer_impl!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}"
+                             f", got {self.attention_backend!r}")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         if int(self.head_dim * self.rotary_percent) % 2:
@@ -87,6 +112,12 @@ class ParallelConfig:
     cp_comm_type: str = "p2p"
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # megatron-core DDP: overlap the gradient reduce with the backward pass and (distributed
+    # optimizer) the parameter all-gather with the next forward
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    distributed_backend: str | None = None  # None: nccl with CUDA, gloo without
+    distributed_timeout_minutes: int = 10
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.model_parallel_size
@@ -137,6 +168,15 @@ class ParallelConfig:
         if self.cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
             raise ValueError(f"--cp-comm-type must be p2p, all_gather, a2a or a2a+p2p, got "
                              f"{self.cp_comm_type!r}")
+        if self.distributed_backend not in (None, "nccl", "gloo"):
+            raise ValueError(f"--distributed-backend must be nccl or gloo, got "
+                             f"{self.distributed_backend!r}")
+        if self.distributed_timeout_minutes <= 0:
+            raise ValueError(f"--distributed-timeout-minutes must be positive, got "
+                             f"{self.distributed_timeout_minutes}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer (only "
+                             "the distributed optimizer all-gathers parameters).")
         if self.sequence_parallel and tp == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
         if seq_length is not None:
@@ -194,6 +234,8 @@ class TrainingConfig:
     # (override); by default the two must agree
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    optimizer: str = "adam"  # adam (AdamW: decoupled weight decay, as Megatron-LM) | sgd
+    sgd_momentum: float = 0.9
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -252,6 +294,8 @@ class TrainingConfig:
                                       WD_INCR_STYLES)):
             if value not in allowed:
                 raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"--optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(f"--recompute-granularity must be selective or full, got "
                              f"{self.recompute_granularity!r}")
@@ -294,12 +338,18 @@ class CheckpointConfig:
     ckpt_step: int | None = None  # load this iteration instead of the latest
     keep_last: int | None = None  # delete older checkpoints once a newer one is complete
     async_save: bool = False  # shards written in the background; training goes on meanwhile
+    ckpt_format: str = "torch_dist"  # megatron-core dist checkpoints, the only format here
 
     def validate(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
             raise ValueError(f"--keep-last must be >= 1, got {self.keep_last}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.ckpt_format != "torch_dist":
+            raise ValueError(f"--ckpt-format {self.ckpt_format} is not supported: checkpoints "
+                             f"here are megatron-core distributed checkpoints, which reshard "
+                             f"across layouts (Megatron-LM's legacy per-rank 'torch' format is "
+                             f"neither written nor read); use --ckpt-format torch_dist.")
         if self.finetune and not self.load:
             raise ValueError("--finetune loads weights from --load; give --load DIR (or use "
                              "--pretrained-checkpoint DIR).")
@@ -312,22 +362,49 @@ class LoggingConfig:
     wandb_project: str | None = None  # WANDB_MODE=offline works without a network
     wandb_exp_name: str | None = None
     wandb_save_dir: str | None = None  # default: --save
+    # torch.profiler over iterations [start, end) of this launch on these ranks; the trace goes
+    # to --tensorboard-dir (else <save>/profile). --use-pytorch-profiler: always torch's here
+    profile: bool = False
+    use_pytorch_profiler: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
 class DataConfig:
-    # "stdlib": Python's standard-library sources, byte tokens (zero setup). Otherwise Megatron
-    # indexed-dataset prefixes, optionally weighted: ["0.7", "general", "0.3", "code"].
-    data_path: list[str] = field(default_factory=lambda: ["stdlib"])
-    split: str = "969,30,1"
+    """Where samples come from, with Megatron-LM's flags (megatron_longctx.data.blend):
+    ``data_path`` (split by ``split``) or the per-split paths, or ``mock_data``; ``["stdlib"]``
+    is the built-in corpus (Python's standard-library sources, byte tokens)."""
+
+    # indexed-dataset prefixes, weighted ["0.7", "general", "0.3", "code"] or not ["a", "b"]
+    # (then weighted by their sizes, as Megatron-LM)
+    data_path: list[str] | None = None
+    split: str | None = None  # default with data_path: Megatron-LM's "969,30,1"
+    train_data_path: list[str] | None = None  # instead of data_path + split: one blend a split
+    valid_data_path: list[str] | None = None
+    test_data_path: list[str] | None = None
+    data_args_path: str | None = None  # a file holding the data_path list
+    per_split_data_args_path: str | None = None  # JSON {"train": [...], "valid":..., "test":...}
+    mock_data: bool = False  # megatron-core's MockGPTDataset documents (synthetic tokens)
     tokenizer_type: str = "ByteTokenizer"
     tokenizer_model: str | None = None
+    # Megatron-LM's --vocab-size, the tokenizer's when it has no file (NullTokenizer: ids
+    # 0..N-1, EOD = N); the model's vocabulary, model.vocab_size, comes from the tokenizer
+    vocab_size: int | None = None
+    dataloader_type: str = "cyclic"  # cyclic: reshuffled every epoch | single: dataset order
+    num_workers: int = 0  # processes collating the coming micro-batches (0: in the trainer)
     reset_position_ids: bool = False  # positions restart at every packed document
     reset_attention_mask: bool = False  # attention stays within each packed document
     eod_mask_loss: bool = False  # no loss on predicting the token after an EOD
     # per source "THRESHOLD:KEEP_P" (or one for all): keep docs < THRESHOLD tokens with KEEP_P
     length_upsample: list[str] | None = None
     data_cache_path: str | None = None  # sample-index cache; default: beside the data
+
+    def validate(self) -> None:
+        from megatron_longctx.data.blend import check_data_config
+
+        check_data_config(self)
 
 
 @dataclass
@@ -344,14 +421,42 @@ class RunConfig:
         self.parallel.validate(world_size, self.model, self.training.seq_length)
         self.training.validate(self.parallel.data_parallel_size(world_size))
         self.checkpoint.validate()
+        self.data.validate()
         if self.logging.log_interval < 1:
             raise ValueError(f"--log-interval must be >= 1, got {self.logging.log_interval}")
+        log = self.logging
+        if log.profile and not 0 <= log.profile_step_start < log.profile_step_end:
+            raise ValueError(f"--profile-step-start {log.profile_step_start} must be >= 0 and "
+                             f"below --profile-step-end {log.profile_step_end}")
+        if log.profile and not (log.tensorboard_dir or self.checkpoint.save):
+            raise ValueError("--profile writes its trace to --tensorboard-dir (or <save>/profile)"
+                             "; give one of them")
         import torch
 
-        blockwise = self.parallel.context_parallel_size > 1 or self.data.reset_attention_mask
-        if torch.cuda.is_available() and blockwise and not self.training.bf16:
+        from megatron_longctx.model.gpu_kernels import use_transformer_engine
+
+        m, cp = self.model, self.parallel.context_parallel_size
+        if m.attention_backend == "local" and m.transformer_impl == "transformer_engine":
+            raise ValueError("--attention-backend local is megatron-core's local attention; it "
+                             "needs --transformer-impl local (as in Megatron-LM)")
+        unfused = m.attention_backend in ("unfused", "local")
+        te = use_transformer_engine(m.transformer_impl) and m.attention_backend != "local"
+        # the flash-based blockwise path: document masks always, CP without Transformer Engine
+        blockwise = not unfused and (self.data.reset_attention_mask or (cp > 1 and not te))
+        if blockwise and m.attention_dropout > 0:
+            raise ValueError(f"--attention-dropout {m.attention_dropout} with "
+                             f"--reset-attention-mask or --context-parallel-size > 1 runs on "
+                             f"flash-based blockwise attention, which has no dropout here; use "
+                             f"--attention-backend unfused (s x s scores) or --attention-dropout 0")
+        if torch.cuda.is_available() and (blockwise or (cp > 1 and not unfused)) and \
+                not self.training.bf16:
             raise ValueError("on GPUs, --reset-attention-mask and --context-parallel-size > 1 "
                              "run on flash-attention kernels, which need --bf16")
+        if self.parallel.distributed_backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("--distributed-backend nccl needs CUDA; use gloo on CPU machines")
+        if self.training.optimizer == "sgd" and self.parallel.use_distributed_optimizer:
+            raise ValueError("--use-distributed-optimizer supports --optimizer adam only "
+                             "(megatron-core); drop one of them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,3 +23,17 @@ def model_parallel(single_process_group):
 
     initialize_model_parallel(ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real one-node Slurm cluster (slurmctld, slurmd, munged), shared by every Slurm test;
+    skipped only where slurm-wlm/munge cannot be installed (see slurm_cluster.py)."""
+    from slurm_cluster import SlurmUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster()
+    except SlurmUnavailable as err:
+        pytest.skip(f"no Slurm here: {err}")
+    yield cluster
+    cluster.stop()

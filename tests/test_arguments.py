@@ -28,7 +28,8 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 
 
 def test_pretrain_refuses_bad_layout_before_work():
-    proc = subprocess.run([sys.executable, "tools/pretrain.py", "--num-attention-heads", "6",
+    proc = subprocess.run([sys.executable, "tools/pretrain.py", "--data-path", "stdlib",
+                           "--num-attention-heads", "6",
                            "--hidden-size", "96", "--tensor-model-parallel-size", "4"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -37,10 +38,12 @@ def test_pretrain_refuses_bad_layout_before_work():
 
 def test_pretrain_dry_run_reports_model_size():
     proc = subprocess.run([sys.executable, "tools/pretrain.py", "--dry-run", "--num-layers", "3",
+                           "--data-path", "stdlib",
                            "--train-iters", "5"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"parameters_this_rank"' in proc.stderr and "num_layers: 3" in proc.stderr
+    assert "memory per rank" in proc.stderr and "peak candidates" in proc.stderr  # estimator
 
 
 def test_rope_flags_fill_hf_rope_parameters(tmp_path):

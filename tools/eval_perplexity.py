@@ -1,17 +1,15 @@
 #!/usr/bin/env python
-"""Perplexity by context length of one or more checkpoints (sliding window), as a table
-(markdown, CSV, results.json) and a PNG plot.
+"""Perplexity by context length of one or more checkpoints (sliding window), as a table (markdown,
+CSV, results.json) and a PNG plot.
 
-    python tools/eval_perplexity.py --load runs/base runs/yarn --data data/valid_text_document \
-        --lengths 512,1024,2048,4096 --num-documents 5 --out eval/ppl
+Also installed as ``longctx-eval-perplexity``. Flags and examples: ``--help``; the code:
+megatron_longctx/eval/perplexity_tool.py.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_longctx.eval.perplexity_tool import main  # noqa: E402
+from megatron_longctx.console import exit_status
+from megatron_longctx.eval.perplexity_tool import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

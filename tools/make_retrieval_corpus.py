@@ -1,37 +1,15 @@
 #!/usr/bin/env python
-"""Write synthetic retrieval documents (a pass key stated early, recalled at the end) as JSONL,
-to mix a small share into pretraining so that passkey retrieval is learnable by small models.
+"""Write synthetic retrieval documents (a pass key stated early, recalled at the end) as JSONL, to
+mix a small share into pretraining so that passkey retrieval is learnable by small models.
 
-    python tools/make_retrieval_corpus.py --output data/retrieval.jsonl --count 3000 \
-        --max-filler 120
+Also installed as ``longctx-make-retrieval-corpus``. Flags and examples: ``--help``; the code:
+megatron_longctx/data/retrieval_corpus_tool.py.
 """
 
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_longctx.data.retrieval_documents import write_retrieval_jsonl  # noqa: E402
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--count", type=int, default=1000)
-    parser.add_argument("--min-filler", type=int, default=1,
-                        help="fewest filler sentences (~21 tokens each with a small vocabulary)")
-    parser.add_argument("--max-filler", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    try:
-        n = write_retrieval_jsonl(args.output, args.count, args.max_filler, args.min_filler,
-                                  args.seed)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(f"wrote {n} retrieval documents to {args.output}")
-
+from megatron_longctx.console import exit_status
+from megatron_longctx.data.retrieval_corpus_tool import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -15,9 +15,10 @@ The result is a weights-only checkpoint (``iter_0000000``) that ``--pretrained-c
 and ``generation_config.json`` go to ``<out>/tokenizer/`` and its ``config.json`` to
 ``<out>/hf_config.json`` (the export picks the same architecture from it).
 
-TP/PP: the dist checkpoint holds global tensors and reshards on load, so a single process
-converts for any layout whose padded vocabulary equals TP=1's (every power-of-two TP);
-otherwise run under ``torchrun`` with ``TP x PP`` processes.
+TP/PP: the dist checkpoint holds global tensors and reshards on load (the vocabulary padding
+rows, Megatron-LM's ``--make-vocab-size-divisible-by`` x TP, are trimmed or added on load), so a
+single process converts for any layout; under ``torchrun`` with ``TP x PP`` processes it
+converts at that layout.
 """
 
 from __future__ import annotations
@@ -55,27 +56,19 @@ def _read_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
-def _layout(tp: int, pp: int, vocab: int, divisible_by: int) -> ParallelConfig:
+def _layout(tp: int, pp: int) -> ParallelConfig:
     """The layout to build at: the requested one under torchrun (world = TP x PP), else one
-    process when the checkpoint reshards to the requested layout unchanged."""
-    from megatron_longctx.model.gpt import padded_vocab_size
-
-    if divisible_by != 128:
-        # TODO(config owner): ModelConfig has no make_vocab_size_divisible_by yet; build_model
-        # pads to 128 and a checkpoint padded otherwise would not load in training
-        raise ConversionError(f"--make-vocab-size-divisible-by {divisible_by}: only 128 is "
-                              f"supported until the model config carries this setting")
+    process (the checkpoint reshards on load, vocabulary padding included)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == tp * pp:
         return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if world == 1 and padded_vocab_size(vocab, tp, divisible_by) == padded_vocab_size(vocab, 1):
+    if world == 1:
         if tp * pp > 1:
             logger.info("converting in one process; the checkpoint reshards to TP=%d PP=%d on "
                         "load", tp, pp)
         return ParallelConfig()
-    raise ConversionError(f"TP={tp} PP={pp} pads the vocabulary differently from TP=1: run "
-                          f"the conversion under torchrun with {tp * pp} processes "
-                          f"(world size now {world})")
+    raise ConversionError(f"run the conversion in one process or under torchrun with TP x PP "
+                          f"= {tp * pp} processes (world size now {world})")
 
 
 def _carry_files(hf_dir: str, out_dir: str, hf: dict) -> None:
@@ -180,7 +173,11 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                  (() if model_cfg.untie_embeddings_and_output_weights else ("lm_head.weight",)))
     if os.path.exists(os.path.join(out_dir, TRACKER)):
         raise ConversionError(f"{out_dir} already holds a checkpoint; choose an empty --save")
-    parallel = _layout(tp, pp, model_cfg.vocab_size, make_vocab_size_divisible_by)
+    if make_vocab_size_divisible_by < 1:
+        raise ConversionError(f"--make-vocab-size-divisible-by must be >= 1, got "
+                              f"{make_vocab_size_divisible_by}")
+    model_cfg.make_vocab_size_divisible_by = make_vocab_size_divisible_by
+    parallel = _layout(tp, pp)
     cfg = RunConfig(model=model_cfg, parallel=parallel)
     parallel.validate(parallel.model_parallel_size, model_cfg)
     init_process_group()
@@ -191,7 +188,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     try:
         scratch = _Scratch(scratch_dir)
         _fill(model, reader, model_cfg,
-              padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size),
+              padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size,
+                                make_vocab_size_divisible_by),
               scratch)
         if any(fnmatch.fnmatch(n, "tokenizer*") for n in os.listdir(hf_dir)):
             cfg.data.tokenizer_type = "HuggingFaceTokenizer"

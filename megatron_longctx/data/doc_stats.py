@@ -32,6 +32,13 @@ class LengthStats:
         self.tokens += int(lengths.sum())
         self.max_length = max(self.max_length, int(lengths.max()))
 
+    def merge(self, other: LengthStats) -> None:
+        """Add another run's documents (shards, partitions)."""
+        self.buckets += other.buckets
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.max_length = max(self.max_length, other.max_length)
+
     def at_least(self, threshold: int) -> int:
         """Documents with >= ``threshold`` tokens (``threshold`` a power of two)."""
         if threshold & (threshold - 1):

@@ -152,6 +152,7 @@ class IndexedDatasetWriter:
         self.sequence_count = 0
         self.document_count = 0  # documents, not counting megatron's leading 0 index
         self.token_count = 0
+        self._prepared = False
         self._closed = False
 
     # -- adding data -------------------------------------------------------------------------
@@ -173,9 +174,11 @@ class IndexedDatasetWriter:
         self.token_count += array.size
         self._push(seq, np.array([self.sequence_count], dtype=np.int64))
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Many single-sequence documents at once: ``tokens`` [sum(lengths)] concatenated,
-        ``lengths`` [documents] tokens per document (the fast path of preprocessing)."""
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray,
+                      sequences_per_document: np.ndarray | None = None) -> None:
+        """Many documents at once (the fast path of preprocessing): ``tokens`` [sum(lengths)]
+        concatenated, ``lengths`` [sequences] tokens per sequence; ``sequences_per_document``
+        [documents] (default: one sequence per document, ``lengths`` per document)."""
         lengths = np.asarray(lengths)
         if lengths.size == 0:
             return
@@ -185,10 +188,17 @@ class IndexedDatasetWriter:
         if tokens.size != int(lengths.sum(dtype=np.int64)):
             raise ValueError(f"{tokens.size} tokens given but lengths add up to "
                              f"{int(lengths.sum())}.")
+        if sequences_per_document is None:
+            ends = self.sequence_count + np.arange(1, lengths.size + 1, dtype=np.int64)
+        else:
+            counts = np.asarray(sequences_per_document, dtype=np.int64)
+            if counts.sum() != lengths.size or (counts < 0).any():
+                raise ValueError(f"sequences per document add up to {int(counts.sum())}, not "
+                                 f"the {lengths.size} sequence lengths given.")
+            ends = self.sequence_count + np.cumsum(counts)
         self._bin.write(tokens.tobytes() if not tokens.flags.c_contiguous else tokens.data)
-        ends = self.sequence_count + np.arange(1, lengths.size + 1, dtype=np.int64)
         self.sequence_count += lengths.size
-        self.document_count += lengths.size
+        self.document_count += ends.size
         self.token_count += tokens.size
         self._push(lengths.astype(np.int32, copy=False), ends)
 
@@ -220,7 +230,13 @@ class IndexedDatasetWriter:
     # -- publishing --------------------------------------------------------------------------
     def finalize(self) -> None:
         """Write the ``.idx`` and atomically publish ``{prefix}.bin`` / ``{prefix}.idx``."""
-        if self._closed:
+        self.prepare()
+        self.publish()
+
+    def prepare(self) -> None:
+        """Write and sync everything under temporary names (``publish`` renames it); several
+        writers prepare first and then publish together, so a failure in one leaves none."""
+        if self._closed or self._prepared:
             raise RuntimeError(f"writer for {self.prefix} is already finalized or aborted.")
         self._flush()
         for f in (self._bin, self._lengths_file, self._docidx_file):
@@ -228,6 +244,11 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
             f.close()
         self._write_index(self._tmp["idx"])
+        self._prepared = True
+
+    def publish(self) -> None:
+        if not self._prepared or self._closed:
+            raise RuntimeError(f"writer for {self.prefix}: publish() needs prepare() first.")
         final_bin, final_idx = bin_path(self.prefix), idx_path(self.prefix)
         # Old .idx goes first: a kill between the renames leaves a .bin without .idx (does not
         # load), never a new .bin beside an old .idx.
@@ -245,7 +266,7 @@ class IndexedDatasetWriter:
         if self._closed:
             return
         for f in (self._bin, self._lengths_file, self._docidx_file):
-            f.close()
+            f.close()  # no-op when prepare() closed them
         for path in self._tmp.values():
             if os.path.exists(path):
                 os.remove(path)

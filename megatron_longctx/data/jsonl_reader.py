@@ -7,7 +7,9 @@ Reading is split in two so that preprocessing can spread the work over processes
 * workers turn a chunk into documents (``parse_chunk``: UTF-8 decoding, JSON parsing and
   validation of each line).
 
-No file is ever loaded whole; memory is a few chunks regardless of corpus size.
+No file is ever loaded whole; memory is a few chunks regardless of corpus size. Which files,
+what they hold and how their bytes are read (decompressed, checked, split into ranges) is
+``megatron_longctx.data.input_files``.
 
 A bad record is skipped and counted by reason (``SKIP_REASONS``); ``SkipCounter`` keeps the
 counts and the first few locations as ``file:line``, or raises ``InputError`` at the first
@@ -17,14 +19,22 @@ they are skipped and counted even in strict mode.
 
 from __future__ import annotations
 
-import glob
-import gzip
 import json
-import os
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
+
+from megatron_longctx.data.input_files import (  # noqa: F401  (re-exported)
+    InputError,
+    InputFile,
+    check_inputs,
+    expand_inputs,
+    import_parquet,
+    import_zstandard,
+    input_format,
+    iter_blocks,
+)
 
 # reason -> what the summary calls it
 SKIP_REASONS = {
@@ -33,26 +43,9 @@ SKIP_REASONS = {
     "non_string": "value is not a string",
     "undecodable": "undecodable bytes / invalid Unicode",
     "empty": "empty or whitespace-only document",
+    "bad_chat": "not a conversation (--chat-template)",
 }
 STRICT_REASONS = frozenset(SKIP_REASONS) - {"empty"}
-
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class InputError(ValueError):
-    """An input file or record that cannot be used; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str
-    format: str  # "jsonl" | "gz" | "zst" | "parquet"
-    size: int  # bytes on disk
-
-    def location(self, line: int) -> str:
-        return f"{self.path}: row {line}" if self.format == "parquet" else f"{self.path}:{line}"
-
 
 @dataclass
 class Chunk:
@@ -80,70 +73,6 @@ class ParsedChunk:
     skips: list[Skip] = field(default_factory=list)
 
 
-def input_format(path: str) -> str:
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        return "parquet"
-    if lower.endswith(".gz"):
-        return "gz"
-    if lower.endswith((".zst", ".zstd")):
-        return "zst"
-    return "jsonl"  # Megatron-LM reads any other name as JSON lines too
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
-    """Files named by ``--input`` paths or globs, in the given order (each glob sorted)."""
-    if not patterns:
-        raise InputError("no --input given; pass one or more JSONL/Parquet files or globs.")
-    paths: list[str] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = [p for p in sorted(glob.glob(pattern, recursive=True))
-                       if os.path.isfile(p)]
-            if not matches:
-                raise InputError(f"--input {pattern!r} matches no file; check the pattern (and "
-                                 f"quote it so the shell passes it through unexpanded).")
-            paths.extend(matches)
-        elif os.path.isdir(pattern):
-            raise InputError(f"--input {pattern} is a directory; pass files or a glob such as "
-                             f"'{os.path.join(pattern, '*.jsonl')}'.")
-        elif not os.path.exists(pattern):
-            raise InputError(f"--input {pattern} does not exist.")
-        else:
-            paths.append(pattern)
-    unique = list(dict.fromkeys(paths))  # a file named twice is read once
-    return [InputFile(p, input_format(p), os.path.getsize(p)) for p in unique]
-
-
-def check_inputs(files: Sequence[InputFile], keys: Sequence[str]) -> None:
-    """Cheap up-front checks (readable, compression magic, Parquet columns, optional packages)
-    so a run fails in seconds instead of hours in."""
-    for f in files:
-        try:
-            with open(f.path, "rb") as stream:
-                magic = stream.read(4)
-        except OSError as exc:
-            raise InputError(f"cannot read --input {f.path}: {exc.strerror}.") from exc
-        if f.format == "gz" and f.size and magic[:2] != _GZIP_MAGIC:
-            raise InputError(f"{f.path} ends in .gz but is not gzip data; rename it or "
-                             f"recompress it with gzip.")
-        if f.format == "zst":
-            _import_zstandard(f.path)
-            if f.size and magic != _ZSTD_MAGIC:
-                raise InputError(f"{f.path} ends in .zst but is not zstd data; rename it or "
-                                 f"recompress it with zstd.")
-        if f.format == "parquet":
-            pq = _import_parquet(f.path)
-            try:
-                names = pq.read_schema(f.path).names
-            except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
-                raise InputError(f"{f.path} is not a readable Parquet file ({exc}).") from exc
-            missing = [k for k in keys if k not in names]
-            if missing:
-                raise InputError(f"{f.path} has no column {', '.join(map(repr, missing))}; its "
-                                 f"columns are {names}. Pass the text column with --json-keys.")
-
-
 def iter_chunks(files: Sequence[InputFile], keys: Sequence[str],
                 chunk_bytes: int = 1 << 20) -> Iterator[Chunk]:
     """Cut every file into chunks of about ``chunk_bytes`` uncompressed bytes of whole records.
@@ -161,20 +90,16 @@ def _jsonl_chunks(index: int, f: InputFile, chunk_bytes: int) -> Iterator[Chunk]
     line = 1
     rest = b""
     try:
-        with _open_binary(f) as stream:
-            while True:
-                block = stream.read(chunk_bytes)
-                if not block:
-                    break
-                buf = rest + block if rest else block
-                cut = buf.rfind(b"\n") + 1
-                if cut == 0:  # a line longer than chunk_bytes: keep reading
-                    rest = buf
-                    continue
-                payload, rest = buf[:cut], buf[cut:]
-                n = payload.count(b"\n")
-                yield Chunk(index, f.format, line, n, len(payload), payload)
-                line += n
+        for block in iter_blocks(f, chunk_bytes):
+            buf = rest + block if rest else block
+            cut = buf.rfind(b"\n") + 1
+            if cut == 0:  # a line longer than chunk_bytes: keep reading
+                rest = buf
+                continue
+            payload, rest = buf[:cut], buf[cut:]
+            n = payload.count(b"\n")
+            yield Chunk(index, f.format, line, n, len(payload), payload)
+            line += n
     except _read_errors(f) as exc:
         raise InputError(f"cannot read {f.path} after line {line - 1}: {exc}; the file is "
                          f"truncated or corrupt. Re-create it, or leave it out of --input."
@@ -186,44 +111,55 @@ def _jsonl_chunks(index: int, f: InputFile, chunk_bytes: int) -> Iterator[Chunk]
 def _read_errors(f: InputFile) -> tuple[type[BaseException], ...]:
     errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
     if f.format == "zst":
-        errors += (_import_zstandard(f.path).ZstdError,)
+        errors += (import_zstandard(f.path).ZstdError,)
     return errors
 
 
 def _parquet_chunks(index: int, f: InputFile, keys: Sequence[str],
                     chunk_bytes: int) -> Iterator[Chunk]:
-    pq = _import_parquet(f.path)
+    pq = import_parquet(f.path)
     parquet = pq.ParquetFile(f.path)
     meta = parquet.metadata
+    groups = list(range(f.start, meta.num_row_groups if f.end is None else f.end))
+    if not groups:
+        return
     # rows per batch from the file's own statistics, so a batch is about chunk_bytes of text
-    total = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    rows = max(1, int(chunk_bytes * max(meta.num_rows, 1) / max(total, 1)))
-    row = 1
-    for batch in parquet.iter_batches(batch_size=rows, columns=list(keys)):
+    total = sum(meta.row_group(g).total_byte_size for g in groups)
+    num_rows = sum(meta.row_group(g).num_rows for g in groups)
+    rows = max(1, int(chunk_bytes * max(num_rows, 1) / max(total, 1)))
+    row = f.first_row
+    for batch in parquet.iter_batches(batch_size=rows, row_groups=groups, columns=list(keys)):
         yield Chunk(index, f.format, row, batch.num_rows, batch.nbytes, batch)
         row += batch.num_rows
 
 
-def parse_chunk(chunk: Chunk, keys: Sequence[str]) -> ParsedChunk:
-    """Validate the records of a chunk; runs in the workers."""
+def parse_chunk(chunk: Chunk, keys: Sequence[str],
+                render: Callable[[list], str] | None = None) -> ParsedChunk:
+    """Validate the records of a chunk; runs in the workers. ``render``: values are
+    conversations, rendered to text by it (``chat_render``)."""
     if chunk.format == "parquet":
         columns = [chunk.payload.column(k).to_pylist() for k in keys]
         records: Iterator[tuple[int, Any]] = (
             (i, [col[i] for col in columns]) for i in range(chunk.num_lines))
-        return _validate(records, chunk.first_line, keys, from_json=False)
+        return _validate(records, chunk.first_line, keys, from_json=False, render=render)
     lines = chunk.payload.split(b"\n")
     if lines[-1] == b"":  # the payload's final newline
         lines.pop()
-    return _validate(enumerate(lines), chunk.first_line, keys, from_json=True)
+    return _validate(enumerate(lines), chunk.first_line, keys, from_json=True, render=render)
 
 
 def _validate(records: Iterator[tuple[int, Any]], first_line: int, keys: Sequence[str],
-              from_json: bool) -> ParsedChunk:
+              from_json: bool, render: Callable[[list], str] | None = None) -> ParsedChunk:
     out = ParsedChunk(texts=[[] for _ in keys], lines=[])
     for i, record in records:
         line = first_line + i
         if from_json:
-            record, problem = _parse_json_line(record, keys)
+            record, problem = _parse_json_line(record, keys, chat=render is not None)
+            if problem:
+                out.skips.append(Skip(problem[0], line, problem[1]))
+                continue
+        if render is not None:
+            record, problem = _render_chats(keys, record, render)
             if problem:
                 out.skips.append(Skip(problem[0], line, problem[1]))
                 continue
@@ -241,7 +177,23 @@ def _validate(records: Iterator[tuple[int, Any]], first_line: int, keys: Sequenc
     return out
 
 
-def _parse_json_line(raw: bytes, keys: Sequence[str]
+def _render_chats(keys: Sequence[str], record: list, render: Callable[[list], str]
+                  ) -> tuple[list, tuple[str, str] | None]:
+    from megatron_longctx.data.chat_render import as_messages
+
+    texts = []
+    for key, value in zip(keys, record):
+        messages, why = as_messages(value, None)
+        if why:
+            return record, ("bad_chat", f"key {key!r}: {why}")
+        try:
+            texts.append(render(messages))
+        except Exception as exc:  # the template's raise_exception(), undefined variables, ...
+            return record, ("bad_chat", f"key {key!r}: the chat template failed: {exc}")
+    return texts, None
+
+
+def _parse_json_line(raw: bytes, keys: Sequence[str], chat: bool = False
                      ) -> tuple[list[Any] | None, tuple[str, str] | None]:
     try:
         text = raw.decode("utf-8")
@@ -261,10 +213,18 @@ def _parse_json_line(raw: bytes, keys: Sequence[str]
                                       f"got a JSON {_json_type(obj)}")
     values = []
     for key in keys:
+        if key not in obj and chat:
+            from megatron_longctx.data.chat_render import as_messages
+
+            messages, _ = as_messages(None, obj)  # prompt/response keys instead
+            if messages is not None:
+                values.append(messages)
+                continue
         if key not in obj:
             shown = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
-            return None, ("missing_key", f"no key {key!r} (keys present: {shown}); choose the "
-                                         f"text key with --json-keys")
+            alternative = " (or prompt and response strings)" if chat else ""
+            return None, ("missing_key", f"no key {key!r}{alternative} (keys present: "
+                                         f"{shown}); choose the text key with --json-keys")
         values.append(obj[key])
     return values, None
 
@@ -328,6 +288,13 @@ class SkipCounter:
                 if self.log:
                     self.log(f"skipped {message}")
 
+    def absorb(self, counts: dict[str, int], examples: dict[str, list[str]]) -> None:
+        """Add the counts and examples of another counter (a partition's)."""
+        for reason, count in counts.items():
+            self.counts[reason] += count
+            room = self.max_examples - len(self.examples[reason])
+            self.examples[reason] += examples.get(reason, [])[:max(0, room)]
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -364,32 +331,3 @@ class DocumentReader:
 
     def __iter__(self) -> Iterator[list[str]]:
         return iter_records(self.files, self.keys, self.counter, self.chunk_bytes)
-
-
-def _open_binary(f: InputFile) -> BinaryIO:
-    if f.format == "gz":
-        return gzip.open(f.path, "rb")  # type: ignore[return-value]
-    if f.format == "zst":
-        zstandard = _import_zstandard(f.path)
-        raw = open(f.path, "rb")
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                          closefd=True)
-    return open(f.path, "rb")
-
-
-def _import_zstandard(path: str):
-    try:
-        import zstandard
-    except ImportError as exc:
-        raise InputError(f"reading {path} needs the zstandard package: pip install zstandard"
-                         ) from exc
-    return zstandard
-
-
-def _import_parquet(path: str):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise InputError(f"reading {path} needs pyarrow: pip install pyarrow (or "
-                         f"pip install 'megatron_longctx[parquet]')") from exc
-    return pq

@@ -3,8 +3,9 @@
 Documents are packed into ``seq_length``-token samples (131072 and beyond); every sample
 carries its document starts so that training can reset position ids, restrict attention to
 each document (never with a dense ``s x s`` mask), and mask the loss after EOD. Several sources
-blend by weight (``--data-path 0.7 A 0.2 B 0.1 C``), each optionally length-upsampled. The
-sample index of each source is built once (rank 0), cached beside the data and reused.
+blend by weight (``--data-path 0.7 A 0.2 B 0.1 C``) or, unweighted, by size (``--data-path A
+B``; see :mod:`.blend`), each optionally length-upsampled. The sample index of each source is
+built once (rank 0), cached beside the data and reused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.data import packing
+from megatron_longctx.data.blend import Blend, DataSources, blend_from_list, samples_per_epoch
 from megatron_longctx.data.indexed_reader import check_indexed_dataset
 
 
@@ -47,22 +49,27 @@ def open_indexed(prefix: str):
 class PackedDataset(torch.utils.data.Dataset):
     """One source: ``num_samples`` packed samples from documents ``[doc_range)`` of ``prefix``."""
 
-    def __init__(self, prefix: str, doc_range: tuple[int, int], num_samples: int,
+    def __init__(self, prefix: str | None, doc_range: tuple[int, int], num_samples: int,
                  options: SampleOptions, seed: int, upsample: tuple[int, float] | None = None,
                  cache_dir: str | None = None, indexed=None):
-        self.prefix, self.options = prefix, options
+        """``prefix`` None: ``indexed`` is in-memory (mock) documents, indexed without a
+        cache."""
+        self.prefix, self.options, self.doc_range = prefix, options, tuple(doc_range)
         self.indexed = indexed if indexed is not None else open_indexed(prefix)
         self.lengths = np.asarray(self.indexed.sequence_lengths, dtype=np.int64)
         documents = np.arange(*doc_range, dtype=np.int64)
         if len(documents) == 0:
             raise ValueError(f"{prefix}: the split selects no documents; change --split")
-        key = dict(prefix=os.path.abspath(prefix), docs=list(doc_range), samples=num_samples,
-                   seq=options.seq_length, seed=seed, upsample=upsample,
-                   idx_size=os.path.getsize(prefix + ".idx"),
-                   idx_mtime=int(os.path.getmtime(prefix + ".idx")))
-        self.order, self.index = _cached(
-            cache_dir or os.path.dirname(os.path.abspath(prefix)), key,
-            lambda: self._build(documents, num_samples, seed, upsample))
+        if prefix is None:
+            self.order, self.index = self._build(documents, num_samples, seed, upsample)
+        else:
+            key = dict(prefix=os.path.abspath(prefix), docs=list(doc_range),
+                       samples=num_samples, seq=options.seq_length, seed=seed,
+                       upsample=upsample, idx_size=os.path.getsize(prefix + ".idx"),
+                       idx_mtime=int(os.path.getmtime(prefix + ".idx")))
+            self.order, self.index = _cached(
+                cache_dir or os.path.dirname(os.path.abspath(prefix)), key,
+                lambda: self._build(documents, num_samples, seed, upsample))
         self.ordered_lengths = self.lengths[self.order]
         self.num_samples = num_samples
 
@@ -127,6 +134,7 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __init__(self, datasets: list, weights: list[float], num_samples: int,
                  names: list[str] | None = None):
         self.datasets = datasets
+        self.weights = [w / sum(weights) for w in weights]
         self.names = names or [str(d) for d in range(len(datasets))]
         self.dataset_index, self.sample_index = packing.blend_indices(weights, num_samples)
         for d, ds in enumerate(datasets):
@@ -141,21 +149,6 @@ class BlendedDataset(torch.utils.data.Dataset):
         source = int(self.dataset_index[i])
         return {**self.datasets[source][int(self.sample_index[i])],
                 "source": torch.tensor(source)}
-
-
-def parse_blend(data_path: list[str]) -> tuple[list[float], list[str]]:
-    """``["0.7", "A", "0.3", "B"]`` -> weights, prefixes; ``["A"]`` -> [1.0], ["A"]."""
-    if len(data_path) == 1:
-        return [1.0], list(data_path)
-    if len(data_path) % 2:
-        raise ValueError(f"--data-path {' '.join(data_path)}: give 'WEIGHT PREFIX' pairs, e.g. "
-                         f"--data-path 0.7 general 0.2 domain 0.1 instruct")
-    try:
-        weights = [float(w) for w in data_path[0::2]]
-    except ValueError:
-        raise ValueError(f"--data-path {' '.join(data_path)}: weights must be numbers in "
-                         f"'WEIGHT PREFIX' pairs") from None
-    return weights, list(data_path[1::2])
 
 
 def parse_upsample(specs: list[str] | None, num_sources: int) -> list[tuple[int, float] | None]:
@@ -185,19 +178,61 @@ def build_blended_dataset(data_path: list[str], split: str, num_samples: int,
                           options: SampleOptions, seed: int,
                           length_upsample: list[str] | None = None,
                           cache_dir: str | None = None, split_index: int = 0):
-    """``num_samples`` samples of split ``split_index`` (0 train, 1 valid, 2 test), blended."""
-    weights, prefixes = parse_blend(data_path)
+    """``num_samples`` samples of split ``split_index`` (0 train, 1 valid, 2 test) of the
+    ``--data-path`` list ``data_path`` cut by ``--split``."""
+    bookends = packing.split_fractions(split)[split_index]
+    return build_blend(blend_from_list(data_path), bookends, num_samples, options, seed,
+                       length_upsample, cache_dir)
+
+
+def build_blend(blend: Blend, bookends: tuple[float, float], num_samples: int,
+                options: SampleOptions, seed: int, length_upsample: list[str] | None = None,
+                cache_dir: str | None = None, indexed: list | None = None):
+    """``num_samples`` samples drawn from the documents ``bookends`` (fractions) of each
+    source of ``blend``, in proportion to its weights, or without weights (Megatron-LM's
+    unweighted list) to each source's samples per epoch. ``indexed``: the sources already
+    open (mock data: in-memory documents, no prefix)."""
+    prefixes = list(blend.prefixes)
     upsample = parse_upsample(length_upsample, len(prefixes))
+    in_memory = indexed is not None
+    indexed = indexed if in_memory else [open_indexed(p) for p in prefixes]
+    ranges = [packing.document_range(len(ix.sequence_lengths), bookends) for ix in indexed]
+    weights = list(blend.weights) if blend.weights is not None else [
+        samples_per_epoch(np.asarray(ix.sequence_lengths), r, options.seq_length)
+        for ix, r in zip(indexed, ranges)]
     total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"{', '.join(prefixes)}: no sample of {options.seq_length} tokens in "
+                         f"the selected documents; check --split and --seq-length")
     datasets = []
-    for w, prefix, up in zip(weights, prefixes, upsample):
-        indexed = open_indexed(prefix)
-        doc_range = packing.split_documents(len(indexed.sequence_lengths), split)[split_index]
+    for w, prefix, up, ix, doc_range in zip(weights, prefixes, upsample, indexed, ranges):
         # a little headroom so the greedy blend never runs a source dry
         needed = int(np.ceil(num_samples * w / total * 1.005)) + 1
-        datasets.append(PackedDataset(prefix, doc_range, needed, options, seed, up, cache_dir,
-                                      indexed))
+        datasets.append(PackedDataset(None if in_memory else prefix, doc_range, needed,
+                                      options, seed, up, cache_dir, ix))
     if len(datasets) == 1:
         return datasets[0]
     names = [os.path.basename(p).removesuffix("_text_document") for p in prefixes]
     return BlendedDataset(datasets, weights, num_samples, names)
+
+
+MOCK_NAME = "mock"
+
+
+def build_split_dataset(sources: DataSources, split_index: int, num_samples: int,
+                        options: SampleOptions, seed: int, tokenizer,
+                        length_upsample: list[str] | None = None,
+                        cache_dir: str | None = None):
+    """Split ``split_index`` of the run's data (``resolve_data_sources``), or None when that
+    split has none. Mock data is megatron-core's ``MockGPTLowLevelDataset`` (seeded random
+    document lengths, synthetic tokens, EOD-terminated) packed like any source."""
+    chosen = sources.for_split(split_index)
+    if chosen is None:
+        return None
+    blend, bookends = chosen
+    if sources.kind == "mock":
+        from megatron.core.datasets.gpt_dataset import MockGPTLowLevelDataset
+
+        return build_blend(Blend((MOCK_NAME,), None), bookends, num_samples, options, seed,
+                           length_upsample, cache_dir, [MockGPTLowLevelDataset(tokenizer)])
+    return build_blend(blend, bookends, num_samples, options, seed, length_upsample, cache_dir)

@@ -11,18 +11,34 @@ from __future__ import annotations
 import numpy as np
 
 
-def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
-    """Megatron-LM's ``--split 969,30,1``: contiguous document ranges for train/valid/test."""
+def split_fractions(split: str) -> list[tuple[float, float]]:
+    """Megatron-LM's ``--split 969,30,1`` as train/valid/test bookends in [0, 1], computed as
+    megatron-core does (normalize, then running sums), so document ranges agree exactly."""
     try:
         weights = [float(w) for w in split.replace("/", ",").split(",")]
     except ValueError:
         raise ValueError(
             f"--split {split!r} must be comma-separated numbers, e.g. 969,30,1") from None
     weights = (weights + [0.0, 0.0, 0.0])[:3]
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--split {split!r} needs non-negative weights with a positive sum")
-    bounds = np.round(np.cumsum([0.0] + weights) / sum(weights) * num_documents).astype(int)
-    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(3)]
+    if len(split.replace("/", ",").split(",")) > 3 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"--split {split!r} needs up to 3 non-negative weights with a positive "
+                         f"sum (train,valid,test)")
+    normalized = (np.array(weights, dtype=np.float64) / np.sum(weights)).tolist()
+    ends = [0.0]
+    for w in normalized:
+        ends.append(ends[-1] + w)
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def document_range(num_documents: int, bookends: tuple[float, float]) -> tuple[int, int]:
+    """The documents ``[start, end)`` of one split's bookends (megatron-core's rounding)."""
+    return (int(round(bookends[0] * float(num_documents))),
+            int(round(bookends[1] * float(num_documents))))
+
+
+def split_documents(num_documents: int, split: str) -> list[tuple[int, int]]:
+    """Megatron-LM's ``--split 969,30,1``: contiguous document ranges for train/valid/test."""
+    return [document_range(num_documents, b) for b in split_fractions(split)]
 
 
 def upsample_long_documents(documents: np.ndarray, lengths: np.ndarray, threshold: int,

@@ -1,54 +1,74 @@
 """Tokenize JSONL/Parquet corpora into Megatron indexed datasets (``tools/preprocess_data.py``).
 
 Same inputs, flags and output names as Megatron-LM's ``tools/preprocess_data.py``
-(``{output_prefix}_{key}_document.{bin,idx}``, one dataset per JSON key), with three
+(``{output_prefix}_{key}_{document|sentence}.{bin,idx}``, one dataset per JSON key), with the
 differences that matter at terabyte scale:
 
 * memory stays flat: files are streamed in chunks, and the index is written by the streaming
   ``IndexedDatasetWriter`` instead of megatron-core's list-based builder;
 * bad records are skipped and counted by reason (or stop the run with ``strict``), instead of
-  crashing the run hours in;
-* outputs appear atomically at the end, so an interrupted run leaves nothing that loads.
+  crashing the run hours in; an input that yields no document at all is an error, not an empty
+  dataset;
+* outputs appear atomically at the end, so an interrupted or failed run leaves nothing that
+  loads;
+* the corpus can be split over machines: ``num_shards``/``shard_index`` (or a Slurm job array)
+  make this run one shard, resumable, whose outputs merge (``tools/merge_datasets.py``) into
+  the dataset of a one-process run, byte for byte (``megatron_longctx.data.shards``);
+* ``partitions`` (Megatron-LM's ``--partitions``) run parallel readers on one node; unlike
+  Megatron-LM, which deals lines round-robin to partitions unless ``--keep-sequential-samples``,
+  the input order is always kept, so the output equals a one-partition run.
 
-Work split: the main process reads files into chunks of whole lines and writes the outputs;
-``workers`` processes (each with its own tokenizer) parse, validate and tokenize a chunk and
-return token arrays already in the on-disk dtype. Chunks come back in input order (``imap``),
-so the output does not depend on the number of workers.
-
-A record is kept only if every ``--json-keys`` key holds usable text, so document ``i`` of
-every output dataset comes from the same input record.
+The pipeline of one process is ``megatron_longctx.data.tokenize_pipeline``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 
 import numpy as np
 
 from megatron_longctx.data.doc_stats import LengthStats
 from megatron_longctx.data.indexed_writer import (
     IndexedDatasetWriter,
+    _pid_alive,
+    _temp_owner,
     optimal_dtype,
     remove_stale_temp_files,
 )
 from megatron_longctx.data.jsonl_reader import (
-    Chunk,
+    SKIP_REASONS,
+    InputError,
     InputFile,
-    Skip,
     SkipCounter,
     check_inputs,
     expand_inputs,
-    iter_chunks,
-    parse_chunk,
 )
-from megatron_longctx.data.tokenizers import Tokenizer, build_tokenizer
+from megatron_longctx.data.shards import (
+    ShardSummary,
+    fingerprint,
+    output_record,
+    resolve_shard,
+    shard_prefix,
+    split_inputs,
+    summary_path,
+)
+from megatron_longctx.data.tokenize_pipeline import (
+    EncodeOptions,
+    EncodeResult,
+    PreprocessError,
+    die_with_parent,
+    encode_to_datasets,
+    ordered_results,
+    process_pool,
+)
+from megatron_longctx.data.tokenizers import Tokenizer, TokenizerSpec
 
 
 @dataclass
@@ -64,10 +84,40 @@ class PreprocessConfig:
     log_interval: int = 1000  # documents between progress-bar updates
     chunk_bytes: int = 1 << 20  # input bytes per unit of work sent to a worker
     progress: bool = True
+    # Megatron-LM's tokenizer flags (TokenizerSpec)
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None
+    tiktoken_pattern: str | None = None
+    tiktoken_num_special_tokens: int = 1000
+    legacy_tokenizer: bool = False
+    hf_include_special_tokens: bool = False
+    # Megatron-LM's sentence splitting
+    split_sentences: bool = False
+    keep_newlines: bool = False
+    lang: str = "english"
+    # instruction/chat data: values are conversations rendered with this template
+    chat_template: str | None = None  # "auto" | "plain" | a Jinja file
+    # parallel parts: on this node (partitions) and across nodes (shards)
+    partitions: int = 1
+    keep_sequential_samples: bool = False  # accepted; the input order is always kept
+    num_shards: int | None = None
+    shard_index: int | None = None
 
-    def output_prefixes(self) -> dict[str, str]:
+    @property
+    def level(self) -> str:
+        return "sentence" if self.split_sentences else "document"
+
+    def output_prefixes(self, prefix: str | None = None) -> dict[str, str]:
         """JSON key -> output path prefix, named as Megatron-LM names them."""
-        return {key: f"{self.output_prefix}_{key}_document" for key in self.json_keys}
+        prefix = self.output_prefix if prefix is None else prefix
+        return {key: f"{prefix}_{key}_{self.level}" for key in self.json_keys}
+
+    def tokenizer_spec(self) -> TokenizerSpec:
+        return TokenizerSpec(self.tokenizer_type, self.tokenizer_model, self.vocab_size,
+                             self.vocab_file, self.merge_file, self.tiktoken_pattern,
+                             self.tiktoken_num_special_tokens, self.legacy_tokenizer,
+                             self.hf_include_special_tokens)
 
 
 @dataclass
@@ -78,39 +128,75 @@ class PreprocessSummary:
     records: int  # records kept (= documents per output)
     input_bytes: int
     seconds: float
+    note: str = ""  # e.g. which shard, or that it was already finished
 
     def format(self) -> str:
         secs = max(self.seconds, 1e-9)
         tokens = sum(s.tokens for s in self.stats.values())
-        lines = [f"processed {self.records:,} records, {self.input_bytes / 1e6:,.1f} MB of input "
-                 f"in {self.seconds:,.1f} s ({self.records / secs:,.0f} docs/s, "
-                 f"{tokens / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)"]
+        lines = [self.note] if self.note else []
+        lines += [f"processed {self.records:,} records, {self.input_bytes / 1e6:,.1f} MB of "
+                  f"input in {self.seconds:,.1f} s ({self.records / secs:,.0f} docs/s, "
+                  f"{tokens / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)"]
         for key, prefix in self.outputs.items():
             lines += ["", f"[{key}] {prefix}.bin / {prefix}.idx", self.stats[key].format()]
         lines += ["", self.skips.format()]
         return "\n".join(lines)
 
 
-def validate(cfg: PreprocessConfig) -> tuple[list[InputFile], Tokenizer]:
+def validate(cfg: PreprocessConfig, env: Mapping[str, str] = os.environ
+             ) -> tuple[list[InputFile], Tokenizer, tuple[int, int] | None]:
     """Everything that can fail before tokenizing: flags, inputs, tokenizer, output directory.
     Raises ``ValueError`` (or its subclass ``InputError``) saying what to change."""
     if cfg.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {cfg.workers}.")
+    if cfg.partitions < 1:
+        raise ValueError(f"--partitions must be >= 1, got {cfg.partitions}.")
+    if cfg.workers % cfg.partitions:
+        raise ValueError(f"--workers {cfg.workers} must be a multiple of --partitions "
+                         f"{cfg.partitions} (each partition gets workers/partitions; "
+                         f"as in Megatron-LM).")
     if cfg.log_interval < 1:
         raise ValueError(f"--log-interval must be >= 1, got {cfg.log_interval}.")
     if cfg.chunk_bytes < 1:
         raise ValueError(f"chunk size must be >= 1 byte, got {cfg.chunk_bytes}.")
     if not cfg.json_keys or len(set(cfg.json_keys)) != len(cfg.json_keys):
         raise ValueError(f"--json-keys must name distinct keys, got {cfg.json_keys}.")
+    if cfg.keep_newlines and not cfg.split_sentences:
+        raise ValueError("--keep-newlines only applies with --split-sentences.")
+    shard = resolve_shard(cfg.num_shards, cfg.shard_index, env)
     files = expand_inputs(cfg.inputs)
     check_inputs(files, cfg.json_keys)
-    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    tokenizer = cfg.tokenizer_spec().build()
     if cfg.append_eod:
         _ = tokenizer.eod  # raises if the tokenizer has no EOS
+    if cfg.split_sentences:
+        from megatron_longctx.data.sentence_split import pysbd_language
+
+        pysbd_language(cfg.lang)
+    _chat_template(cfg, tokenizer)
     _check_output_dir(cfg.output_prefix)
-    for prefix in cfg.output_prefixes().values():
-        remove_stale_temp_files(prefix)  # refuses if a live run writes the same prefix
-    return files, tokenizer
+    prefix = cfg.output_prefix if shard is None else shard_prefix(cfg.output_prefix, shard[0])
+    for out in cfg.output_prefixes(prefix).values():
+        remove_stale_temp_files(out)  # refuses if a live run writes the same prefix
+    return files, tokenizer, shard
+
+
+def _chat_template(cfg: PreprocessConfig, tokenizer: Tokenizer
+                   ) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """The resolved ``--chat-template`` and its variables; a template that does not compile
+    fails here, before any work."""
+    if cfg.chat_template is None:
+        return None, ()
+    from megatron_longctx.data.chat_render import chat_renderer, resolve_chat_template
+
+    template, variables = resolve_chat_template(cfg.chat_template, tokenizer)
+    try:
+        chat_renderer(template, variables)([{"role": "user", "content": "test"}])
+    except Exception as exc:
+        if type(exc).__name__ == "TemplateSyntaxError":
+            raise ValueError(f"--chat-template {cfg.chat_template}: not a valid Jinja template "
+                             f"({exc}).") from exc
+    return template, tuple(sorted(variables.items()))
 
 
 def _check_output_dir(output_prefix: str) -> None:
@@ -127,132 +213,189 @@ def _check_output_dir(output_prefix: str) -> None:
                          f" pick a writable --output-prefix.") from exc
 
 
-@dataclass
-class EncodedChunk:
-    file_index: int
-    records: int  # records kept
-    nbytes: int
-    skips: list[Skip]
-    tokens: list[np.ndarray]  # per key: [sum(lengths)] ids in the output dtype
-    lengths: list[np.ndarray]  # per key: [records] int32 tokens per document
-
-
-class ChunkEncoder:
-    """Chunk -> token arrays. Built once per worker process (tokenizer loading is slow)."""
-
-    def __init__(self, tokenizer_type: str, tokenizer_model: str | None, keys: Sequence[str],
-                 append_eod: bool, dtype: str):
-        self.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-        self.keys = list(keys)
-        self.dtype = np.dtype(dtype)
-        self.eod = np.array([self.tokenizer.eod], dtype=np.int32) if append_eod else None
-
-    def __call__(self, chunk: Chunk) -> EncodedChunk:
-        parsed = parse_chunk(chunk, self.keys)
-        skips = parsed.skips
-        arrays = [self.tokenizer.tokenize_batch_arrays(texts) for texts in parsed.texts]
-        count = len(parsed.lines)
-        if self.eod is None and count:
-            # text that encodes to nothing would be a zero-length document; drop the record
-            empty = np.zeros(count, dtype=bool)
-            for per_key in arrays:
-                empty |= np.fromiter((a.size == 0 for a in per_key), bool, count)
-            if empty.any():
-                for i in np.nonzero(empty)[0]:
-                    skips.append(Skip("empty", parsed.lines[i], "text encodes to no tokens"))
-                skips.sort(key=lambda s: s.line)
-                keep = np.nonzero(~empty)[0]
-                arrays = [[per_key[i] for i in keep] for per_key in arrays]
-                count = keep.size
-        tokens, lengths = [], []
-        for per_key in arrays:
-            lens = np.fromiter((a.size for a in per_key), np.int64, len(per_key))
-            if self.eod is not None:
-                per_key = [part for a in per_key for part in (a, self.eod)]
-                lens += 1
-            flat = np.concatenate(per_key) if per_key else np.zeros(0, np.int32)
-            if flat.size and (int(flat.max()) >= self.tokenizer.vocab_size or flat.min() < 0):
-                bad = int(flat.min()) if flat.min() < 0 else int(flat.max())
-                raise ValueError(f"the tokenizer produced id {bad} outside its "
-                                 f"vocab_size {self.tokenizer.vocab_size}; the output dtype "
-                                 f"{self.dtype} is chosen from vocab_size, so it must be right.")
-            tokens.append(flat.astype(self.dtype))
-            lengths.append(lens.astype(np.int32))
-        return EncodedChunk(chunk.file_index, count, chunk.nbytes, skips, tokens, lengths)
-
-
-_worker_encoder: ChunkEncoder | None = None
-
-
-def _init_worker(*args) -> None:
-    global _worker_encoder
-    # parallelism comes from the worker processes; a Rust thread pool per worker would
-    # oversubscribe the cores (HuggingFace tokenizers only)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _worker_encoder = ChunkEncoder(*args)
-
-
-def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
-    assert _worker_encoder is not None, "worker not initialised"
-    return _worker_encoder(chunk)
-
-
-def _encoded_chunks(cfg: PreprocessConfig, files: Sequence[InputFile], dtype: np.dtype,
-                    stack: ExitStack) -> Iterator[EncodedChunk]:
-    args = (cfg.tokenizer_type, cfg.tokenizer_model, cfg.json_keys, cfg.append_eod, dtype.str)
-    chunks = iter_chunks(files, cfg.json_keys, cfg.chunk_bytes)
-    if cfg.workers == 1:
-        return map(ChunkEncoder(*args), chunks)
-    pool = stack.enter_context(Pool(cfg.workers, initializer=_init_worker, initargs=args))
-    # imap keeps input order; the pipe to the workers bounds how far reading runs ahead
-    return pool.imap(_encode_in_worker, chunks, chunksize=1)
-
-
-def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = None
-                   ) -> PreprocessSummary:
-    """Validate, tokenize every input record, and publish one dataset per JSON key."""
-    from tqdm import tqdm
-
-    files, tokenizer = validate(cfg)
-    dtype = optimal_dtype(tokenizer.vocab_size)
-    outputs = cfg.output_prefixes()
-    stats = {key: LengthStats() for key in cfg.json_keys}
-    plain = all(f.format == "jsonl" for f in files)
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=sum(f.size for f in files) if plain else None, unit="B", unit_scale=True,
-               unit_divisor=1000, desc="preprocess", disable=not cfg.progress,
-               mininterval=0.5 if tty else 30.0, file=sys.stderr, dynamic_ncols=True)
-    skips = SkipCounter(files, strict=cfg.strict,
-                        log=log or (lambda msg: bar.write(msg, file=sys.stderr)))
+def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = None,
+                   env: Mapping[str, str] = os.environ) -> PreprocessSummary:
+    """Validate, tokenize every input record (of this shard), and publish one dataset per
+    JSON key (and, for a shard, its summary)."""
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    files, tokenizer, shard = validate(cfg, env)
+    options = EncodeOptions(cfg.tokenizer_spec(), tuple(cfg.json_keys), cfg.append_eod,
+                            optimal_dtype(tokenizer.vocab_size).str, cfg.split_sentences,
+                            cfg.lang, cfg.keep_newlines, *_chat_template(cfg, tokenizer))
+    if shard is None:
+        portion, prefix, desc, note = files, cfg.output_prefix, "preprocess", ""
+    else:
+        index, count = shard
+        portion = split_inputs(files, count)[index]
+        prefix, desc = shard_prefix(cfg.output_prefix, index), f"shard {index}/{count}"
+        if cfg.num_shards is None:  # inside a job array: say so, it changes what is read
+            say(f"shard {index} of {count}, from the Slurm job array (SLURM_ARRAY_TASK_ID="
+                f"{env.get('SLURM_ARRAY_TASK_ID')}); writing {prefix}_*. Outside a sharded "
+                f"run, pass --num-shards 1 --shard-index 0.")
+        note = f"shard {index} of {count} ({len(portion)} input part(s)) -> {prefix}_*"
+        settings = _settings(cfg, files, count, options.chat_template)
+        finished = _finished_shard(cfg, index, settings, say)
+        if finished is not None:
+            return finished
     start = time.perf_counter()
-    records = input_bytes = pending_bytes = pending_docs = 0
-    with bar, ExitStack() as stack:
-        writers = {key: stack.enter_context(IndexedDatasetWriter(prefix, dtype))
-                   for key, prefix in outputs.items()}
-        for encoded in _encoded_chunks(cfg, files, dtype, stack):
-            skips.add(encoded.file_index, encoded.skips)
-            for key, tokens, lengths in zip(cfg.json_keys, encoded.tokens, encoded.lengths):
-                writers[key].add_documents(tokens, lengths)
-                stats[key].update(lengths)
-            records += encoded.records
-            input_bytes += encoded.nbytes
-            pending_bytes += encoded.nbytes
-            pending_docs += encoded.records
-            if pending_docs >= cfg.log_interval:
-                _show_rates(bar, records, stats, start)
-                bar.update(pending_bytes)
-                pending_bytes = pending_docs = 0
-        _show_rates(bar, records, stats, start)
-        bar.update(pending_bytes)
-        for writer in writers.values():
-            writer.finalize()
-    return PreprocessSummary(outputs, stats, skips, records, input_bytes,
-                             time.perf_counter() - start)
+    outputs = cfg.output_prefixes(prefix)
+    what = desc if shard is not None else ", ".join(cfg.inputs)
+
+    def on_empty(result: EncodeResult, skips: SkipCounter) -> None:
+        if shard is not None and result.seen == 0:
+            return  # a shard whose part of the input holds no record: nothing to publish
+        raise InputError(_no_document_message(what, result, skips, cfg.json_keys))
+
+    if cfg.partitions == 1:
+        result = encode_to_datasets(options, portion, outputs, cfg.workers, cfg.chunk_bytes,
+                                    cfg.strict, cfg.progress, desc, cfg.log_interval, log,
+                                    on_empty)
+        skips = SkipCounter(portion)
+        skips.counts, skips.examples = result.skip_counts, result.skip_examples
+    else:
+        result, skips = _run_partitions(cfg, options, portion, outputs, desc, on_empty)
+    seconds = time.perf_counter() - start
+    published = outputs if result.published else {}
+    if shard is not None:
+        index, count = shard
+        if not result.published:
+            say(f"shard {index} of {count}: its part of the input holds no record; it is "
+                f"finished with no dataset")
+        ShardSummary(
+            index, count, fingerprint(settings), [f.describe() for f in portion],
+            {key: output_record(p, result.stats[key].documents, result.stats[key].tokens)
+             for key, p in published.items()},
+            result.records, sum(s.tokens for s in result.stats.values()), result.input_bytes,
+            dict(result.skip_counts), round(seconds, 3)).write(summary_path(cfg.output_prefix,
+                                                                            index))
+    return PreprocessSummary(published, {k: result.stats[k] for k in published}, skips,
+                             result.records, result.input_bytes, seconds, note)
 
 
-def _show_rates(bar, records: int, stats: dict[str, LengthStats], start: float) -> None:
-    secs = max(time.perf_counter() - start, 1e-9)
-    tokens = sum(s.tokens for s in stats.values())
-    bar.set_postfix_str(f"{records / secs:,.0f} docs/s, {tokens / secs / 1e3:,.1f}k tok/s",
-                        refresh=False)
+def _settings(cfg: PreprocessConfig, files: Sequence[InputFile], num_shards: int,
+              chat_template: str | None) -> dict:
+    """What decides a shard's output: equal settings, equal bytes."""
+    spec = cfg.tokenizer_spec()
+    model_files = [p for p in (spec.tokenizer_model, spec.vocab_file, spec.merge_file) if p]
+    return {"inputs": [[f.path, f.size] for f in files], "num_shards": num_shards,
+            "keys": cfg.json_keys, "append_eod": cfg.append_eod, "tokenizer": repr(spec),
+            "tokenizer_files": [[p, _size(p)] for p in model_files],
+            "sentences": [cfg.split_sentences, cfg.lang, cfg.keep_newlines],
+            "chat_template": chat_template}
 
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))
+                   if os.path.isfile(os.path.join(path, f)))
+    return os.path.getsize(path)
+
+
+def _finished_shard(cfg: PreprocessConfig, index: int, settings: dict,
+                    say: Callable[[str], None]) -> PreprocessSummary | None:
+    path = summary_path(cfg.output_prefix, index)
+    summary = ShardSummary.read(path)
+    if summary is None:
+        return None
+    problem = summary.problem(fingerprint(settings))
+    if problem:
+        say(f"shard {index}: redoing it, the finished one is not usable ({problem})")
+        os.remove(path)  # first, so that a crash now cannot leave old marker + new files
+        return None
+    say(f"shard {index} of {summary.num_shards} already finished ({path}); skipping it")
+    skips = SkipCounter([])
+    skips.counts.update(summary.skipped)
+    stats = {}
+    for key, info in summary.outputs.items():
+        stats[key] = LengthStats()
+        stats[key].documents, stats[key].tokens = info["documents"], info["tokens"]
+    return PreprocessSummary({k: v["prefix"] for k, v in summary.outputs.items()}, stats, skips,
+                             summary.documents, summary.input_bytes, summary.seconds,
+                             f"shard {index} of {summary.num_shards}: already finished")
+
+
+def _no_document_message(what: str, result: EncodeResult, skips: SkipCounter,
+                         keys: Sequence[str]) -> str:
+    if result.seen == 0:
+        return (f"no document in {what}: the input holds no record (empty files?); nothing "
+                f"was written.")
+    reason = max(skips.counts, key=skips.counts.get)
+    example = skips.examples[reason][0] if skips.examples[reason] else ""
+    hint = {"missing_key": f" Check --json-keys ({' '.join(keys)}).",
+            "invalid_json": " Is this JSON lines, uncompressed?",
+            "undecodable": " Is the file UTF-8 text?"}.get(reason, "")
+    return (f"no document in {what}: all {result.seen:,} records were skipped, "
+            f"{skips.counts[reason]:,} for {SKIP_REASONS[reason]} (e.g. {example}).{hint} "
+            f"Nothing was written.")
+
+
+# -- partitions ---------------------------------------------------------------------------------
+def _run_partitions(cfg: PreprocessConfig, options: EncodeOptions, portion: list[InputFile],
+                    outputs: dict[str, str], desc: str, on_empty
+                    ) -> tuple[EncodeResult, SkipCounter]:
+    """``cfg.partitions`` processes, each tokenizing a contiguous part with
+    workers/partitions workers into a temporary directory; their datasets are then
+    concatenated in order into ``outputs``."""
+    parts = split_inputs(portion, cfg.partitions)
+    first = next(iter(outputs.values()))
+    _remove_stale_partition_dirs(first)
+    scratch = f"{first}.partitions.tmp-{socket.gethostname()}-{os.getpid()}"
+    os.makedirs(scratch)
+    try:
+        jobs = [(options, part, {k: os.path.join(scratch, f"part{p:05d}_{k}")
+                                 for k in outputs},
+                 cfg.workers // cfg.partitions, cfg.chunk_bytes, cfg.strict, cfg.progress,
+                 f"{desc} part {p}/{cfg.partitions}", cfg.log_interval)
+                for p, part in enumerate(parts)]
+        with process_pool(cfg.partitions, initializer=die_with_parent) as pool:
+            results = list(ordered_results(pool, _run_partition, jobs, cfg.partitions))
+        total = EncodeResult(stats={k: LengthStats() for k in outputs})
+        skips = SkipCounter(portion)
+        for part in results:
+            total.records += part.records
+            total.seen += part.seen
+            total.input_bytes += part.input_bytes
+            for key in outputs:
+                total.stats[key].merge(part.stats[key])
+            skips.absorb(part.skip_counts, part.skip_examples)
+        total.skip_counts, total.skip_examples = skips.counts, skips.examples
+        if total.records == 0:
+            on_empty(total, skips)
+            return total, skips
+        writers = {k: IndexedDatasetWriter(p, np.dtype(options.dtype))
+                   for k, p in outputs.items()}
+        try:
+            for (_, _, part_outputs, *_), part in zip(jobs, results):
+                if part.published:
+                    for key, writer in writers.items():
+                        writer.add_index(part_outputs[key])
+            for writer in writers.values():
+                writer.prepare()
+            for writer in writers.values():
+                writer.publish()
+        finally:
+            for writer in writers.values():
+                writer.abort()
+        total.published = True
+        return total, skips
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_partition(job) -> EncodeResult:
+    options, files, outputs, workers, chunk_bytes, strict, progress, desc, interval = job
+    return encode_to_datasets(options, files, outputs, workers, chunk_bytes, strict, progress,
+                              desc, interval, on_empty=lambda result, skips: None)
+
+
+def _remove_stale_partition_dirs(prefix: str) -> None:
+    import glob
+
+    for path in glob.glob(f"{glob.escape(prefix)}.partitions.tmp-*"):
+        owner = _temp_owner(path)
+        if owner and owner[0] == socket.gethostname() and not _pid_alive(owner[1]):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["PreprocessConfig", "PreprocessError", "PreprocessSummary", "run_preprocess",
+           "validate"]

@@ -80,3 +80,28 @@ def plot_heatmaps(path: str, grids: dict[str, list[list[float]]], rows: list, co
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def plot_bars(path: str, series: dict[str, list[float]], categories: list[str], ylabel: str,
+              title: str) -> str:
+    """Grouped bars: one bar per series ``{label: values}`` in each category (e.g. token-class
+    shares among kept vs all tokens), annotated with the values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(categories), 4.5))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

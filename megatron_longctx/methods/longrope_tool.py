@@ -5,7 +5,8 @@ The objective is the shared perplexity scorer on ``--num-documents`` documents c
 ``--target-length``. Every rank runs the same evolution on the same scores (rank 0's, broadcast),
 so the layout changes nothing but speed. ``--out`` holds ``state.json`` (resumed from when
 present), ``individuals.csv`` (every evaluated individual), ``rope_parameters.json``/``.yaml``
-(the result, for ``--rope-type longrope`` flags or a recipe's ``rope_parameters``), ``search.png``
+(the result, a recipe's ``rope_parameters``), ``long_factor.json``/``short_factor.json`` (for
+``--longrope-long-factor FILE``/``--longrope-short-factor FILE``), ``search.png``
 and ``baselines.json`` (the found factors against PI and YaRN at the same length).
 """
 
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     if writer:
         with open(os.path.join(args.out, "rope_parameters.json"), "w") as f:
             json.dump(result, f, indent=1)
+        for name in ("long_factor", "short_factor"):  # for --longrope-long-factor FILE
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(result[name], f)
         with open(os.path.join(args.out, "rope_parameters.yaml"), "w") as f:
             yaml.safe_dump({"model": {"rope_parameters": result}}, f, sort_keys=False)
         with open(os.path.join(args.out, "baselines.json"), "w") as f:

@@ -12,13 +12,14 @@ from ``GPTModel.forward`` to every core attention.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -27,6 +28,7 @@ from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
 from megatron_longctx.model.gpu_kernels import transformer_engine_attention
 from megatron_longctx.model.kv_cache import KVCache
+from megatron_longctx.model.unfused_attention import unfused_attention
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
 
 
@@ -50,8 +52,9 @@ class CoreAttention(MegatronModule):
     Plain causal attention uses Transformer Engine's attention on GPUs that have it (see
     ``gpu_kernels``), else torch's ``scaled_dot_product_attention`` (flash kernels on CPU and
     GPU). Packed documents and context parallelism (keys/values all-gathered across the CP
-    group) go through :func:`document_causal_attention`, also flash-based. No path builds an
-    ``s x s`` mask.
+    group) go through :func:`document_causal_attention`, also flash-based. None of these
+    builds an ``s x s`` mask; ``--attention-backend unfused|local`` (without TE) picks the
+    explicit-softmax :func:`unfused_attention`, which does.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int,
@@ -61,7 +64,11 @@ class CoreAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.cp_group = pg_collection.cp if pg_collection is not None else None
-        te_attention = transformer_engine_attention()
+        # --transformer-impl picks Transformer Engine (set only where it is usable, model.gpt);
+        # --attention-backend then picks TE's kernel (megatron-core sets NVTE_*_ATTN), or ours
+        te_attention = (transformer_engine_attention()
+                        if config.transformer_impl == "transformer_engine"
+                        and config.attention_backend != AttnBackend.local else None)
         self.te_attention = None if te_attention is None else te_attention(
             config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
             attention_type=attention_type, attention_dropout=attention_dropout,
@@ -69,8 +76,11 @@ class CoreAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        # Llama trains without attention dropout; only the plain SDPA path would apply it
+        # --attention-dropout: TE, the unfused path and plain SDPA apply it; the flash-based
+        # blockwise path (document masks, CP) has none, so config validation refuses that case
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.unfused = self.te_attention is None and config.attention_backend in (
+            AttnBackend.unfused, AttnBackend.local)
         self.interleaved = config.rotary_interleaved
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -88,16 +98,28 @@ class CoreAttention(MegatronModule):
         if self.te_attention is not None and doc_starts is None:
             # TE handles causal masking and, under CP, the exchange across ranks itself
             return self.te_attention(query, key, value, None, attn_mask_type=AttnMaskType.causal)
+        dropout = self.dropout if self.training else 0.0
+        if self.unfused:
+            key, value, chunks = self._global_keys(key, value, s)
+            return unfused_attention(query, key, value, self.softmax_scale, chunks, doc_starts,
+                                     dropout, fork_rng=not self.config.sequence_parallel)
         if self.config.context_parallel_size > 1 or doc_starts is not None:
+            if dropout > 0.0:
+                raise ValueError("--attention-dropout with document masks or context "
+                                 "parallelism needs --attention-backend unfused")
             key, value, chunks = self._global_keys(key, value, s)
             return document_causal_attention(query, key, value, self.softmax_scale, chunks,
                                              doc_starts)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=k.shape[1] != q.shape[1],
-        )  # [b, np, s, hn]
+        # dropout draws from the model-parallel RNG (each TP rank holds other heads), as
+        # Megatron-LM's DotProductAttention; with sequence parallelism megatron-core forks
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
+               if dropout > 0.0 and not self.config.sequence_parallel else nullcontext())
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.softmax_scale, dropout_p=dropout,
+                enable_gqa=k.shape[1] != q.shape[1],
+            )  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
     def _global_keys(self, key: Tensor, value: Tensor, s: int

@@ -1,27 +1,55 @@
-"""Exact causal attention for query pieces that see a key *prefix* plus a causal *diagonal* block.
+"""Exact causal attention for queries that see a key *prefix* plus a causal *diagonal* block.
 
 Long-context attention needs three patterns that plain ``is_causal`` SDPA cannot express:
 packed documents (a query sees only its own document), and context parallelism (a rank's query
 chunk sits at a global offset and sees all earlier keys), and both together. Each reduces to
-pieces of queries ``[a, b)`` of a document starting at ``s0``: keys ``[s0, a)`` are fully visible
-(the prefix), keys ``[a, b)`` causally (the diagonal). We run flash attention on the two blocks
-and merge them with their log-sum-exps (the ring/flash-attention recurrence); the backward pass
-calls flash backward per block with the merged output and log-sum-exp, which makes every block's
-gradient exact. Memory stays O(s): no ``s x s`` mask or score matrix is ever built.
+query rows ``[a, b)`` of a document starting at ``s0``: keys ``[s0, a)`` are fully visible
+(the prefix), keys ``[a, b)`` causally (the diagonal). We cut rows and keys into blocks of at
+most ``block_size`` tokens, run flash attention per block and merge the blocks with their
+log-sum-exps (the ring/flash-attention recurrence); backward calls flash backward per block
+with the merged output and log-sum-exp, which makes every block's gradient exact.
+
+Memory: no ``s x s`` mask or score matrix is ever built. Queries, keys and values are read as
+strided views (K/V per KV group: the kernels' GQA support, no per-head copies), the output,
+its log-sum-exp and the input gradients are preallocated and written block by block in place,
+so besides them only one block's temporaries live at a time (forward + backward peak about
+3x the query tensor at 32 heads / 8 groups, see ``benchmarks/attention_memory.py``).
 """
 
 from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 _aten = torch.ops.aten
 
+# Rows and keys per flash call. Bounds the per-block temporaries (at 32 heads x 128 fp32, a
+# 4096-row block is 64 MiB); larger blocks barely speed up the CPU kernel.
+DEFAULT_BLOCK_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Block:
+    """Local query rows ``[row_start, row_end)`` against keys ``[key_start, key_end)``
+    (global positions), causal when the keys are the rows' own positions (the diagonal)."""
+
+    row_start: int
+    row_end: int
+    key_start: int
+    key_end: int
+    causal: bool
+
 
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
                    ) -> tuple[Tensor, Tensor, tuple]:
-    """``[b, h, L, d]`` -> (out ``[b, h, L, d]``, lse ``[b, h, L]`` fp32, state for backward)."""
+    """q ``[1, np, L, d]``, k/v ``[1, ng, S, d]`` (GQA: ``np % ng == 0``, strided views) ->
+    (out ``[1, np, L, d]``, lse ``[1, np, L]`` fp32, state for backward)."""
     if q.is_cuda:
+        # the CUDA flash kernel reads any strides but the last (head dim) one
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out, lse, cq, ck, mq, mk, seed, offset, _ = _aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
         return out, lse, (cq, ck, mq, mk, seed, offset)
@@ -32,7 +60,11 @@ def _flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
 
 def _flash_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     causal: bool, scale: float, state: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq [1, np, L, d], dk [1, ng, S, d], dv)`` of one block, given the merged
+    output and log-sum-exp of its rows (exact for any split of the keys)."""
     if q.is_cuda:
+        grad, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous()
+                              for t in (grad, q, k, v, out))
         cq, ck, mq, mk, seed, offset = state
         return _aten._scaled_dot_product_flash_attention_backward(
             grad, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
@@ -40,50 +72,90 @@ def _flash_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         grad, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
-class _PrefixDiagonalAttention(torch.autograd.Function):
-    """softmax over [prefix keys (all visible) ; diagonal keys (causal)] for queries ``q``."""
+def _heads(t: Tensor, start: int, end: int, sample: int) -> Tensor:
+    """``t [s, b, h, d]`` rows ``[start, end)`` of one sample as a ``[1, h, L, d]`` view."""
+    return t[start:end, sample].permute(1, 0, 2)[None]
 
+
+class _DocumentCausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_pre, v_pre, k_diag, v_diag, scale):
-        out_d, lse_d, state_d = _flash_forward(q, k_diag, v_diag, True, scale)
-        if k_pre.shape[-2] == 0:
-            out, lse, state_p = out_d, lse_d, ()
-        else:
-            out_p, lse_p, state_p = _flash_forward(q, k_pre, v_pre, False, scale)
-            lse = torch.logaddexp(lse_p, lse_d)  # [b, h, L]
-            out = (torch.exp(lse_p - lse)[..., None] * out_p
-                   + torch.exp(lse_d - lse)[..., None] * out_d).to(q.dtype)
-        ctx.save_for_backward(q, k_pre, v_pre, k_diag, v_diag, out, lse)
-        ctx.scale, ctx.states = scale, (state_p, state_d)
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, scale: float,
+                blocks: list[list[Block]]) -> Tensor:
+        sq, batch, heads, _ = query.shape
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)  # [sq, b, np, hn]
+        stats = torch.promote_types(query.dtype, torch.float32)  # the kernels' lse dtype
+        lse = query.new_empty((batch, heads, sq), dtype=stats)  # [b, np, sq]
+        states = []
+        for bi, sample_blocks in enumerate(blocks):
+            sample_states = []
+            acc = acc_lse = None  # running output (fp32) and log-sum-exp of the current rows
+            for i, blk in enumerate(sample_blocks):
+                q = _heads(query, blk.row_start, blk.row_end, bi)
+                k = _heads(key, blk.key_start, blk.key_end, bi)
+                v = _heads(value, blk.key_start, blk.key_end, bi)
+                o, lse_block, state = _flash_forward(q, k, v, blk.causal, scale)
+                sample_states.append(state)
+                if acc is None:
+                    acc, acc_lse = o.to(stats), lse_block
+                else:  # merge with the earlier key blocks of these rows
+                    merged = torch.logaddexp(acc_lse, lse_block)  # [1, np, L]
+                    acc.mul_(torch.exp(acc_lse - merged)[..., None])
+                    acc.addcmul_(o, torch.exp(lse_block - merged)[..., None])  # no temporary
+                    acc_lse = merged
+                del o
+                last = i + 1 == len(sample_blocks) or \
+                    sample_blocks[i + 1].row_start != blk.row_start
+                if last:  # every key block of these rows is in: write them in place
+                    _heads(out, blk.row_start, blk.row_end, bi).copy_(acc)
+                    lse[bi, :, blk.row_start:blk.row_end] = acc_lse[0]
+                    acc = acc_lse = None
+            states.append(sample_states)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.scale, ctx.blocks, ctx.states = scale, blocks, states
         return out
 
     @staticmethod
-    def backward(ctx, grad):
-        q, k_pre, v_pre, k_diag, v_diag, out, lse = ctx.saved_tensors
-        state_p, state_d = ctx.states
-        grad = grad.contiguous()
-        dq, dk_d, dv_d = _flash_backward(grad, q, k_diag, v_diag, out, lse, True, ctx.scale,
-                                         state_d)
-        dk_p, dv_p = torch.zeros_like(k_pre), torch.zeros_like(v_pre)
-        if k_pre.shape[-2] > 0:
-            dq_p, dk_p, dv_p = _flash_backward(grad, q, k_pre, v_pre, out, lse, False, ctx.scale,
-                                               state_p)
-            dq = dq + dq_p
-        return dq, dk_p, dv_p, dk_d, dv_d, None
-
-
-def prefix_diagonal_attention(q: Tensor, k_pre: Tensor, v_pre: Tensor, k_diag: Tensor,
-                              v_diag: Tensor, scale: float) -> Tensor:
-    """All ``[b, h, L, d]`` (prefix may have length 0); returns ``[b, h, L, d]``.
-
-    Inputs may be strided views (sequence slices, stride-0 expanded KV heads): the flash
-    kernels read strides, so no copies are made or kept for backward.
-    """
-    if not q.is_cuda:
-        return _PrefixDiagonalAttention.apply(q, k_pre, v_pre, k_diag, v_diag, scale)
-    # CUDA flash kernels want densely packed heads
-    return _PrefixDiagonalAttention.apply(q.contiguous(), k_pre.contiguous(), v_pre.contiguous(),
-                                          k_diag.contiguous(), v_diag.contiguous(), scale)
+    def backward(ctx, grad: Tensor):
+        query, key, value, out, lse = ctx.saved_tensors
+        want_q, want_k, want_v = ctx.needs_input_grad[:3]
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()  # [sq, b, np, hn]
+        # every local row belongs to exactly one row range: dq is written, never accumulated
+        dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [sq, b, np, hn]
+        # dK/dV sum over all row blocks: fp32 sums for bf16/fp16 (as the kernels do inside)
+        acc = torch.promote_types(key.dtype, torch.float32)
+        dk = torch.zeros(key.shape, dtype=acc, device=key.device)  # [sk, b, ng, hn]
+        dv = torch.zeros(value.shape, dtype=acc, device=value.device)
+        # fp32/fp64 sum dq in place; bf16/fp16 in an fp32 buffer of one row range
+        dq_in_place = acc == query.dtype
+        for bi, sample_blocks in enumerate(ctx.blocks):
+            dq_rows = None
+            for i, blk in enumerate(sample_blocks):
+                rows = (blk.row_start, blk.row_end, bi)
+                keys = (blk.key_start, blk.key_end, bi)
+                lse_rows = lse[bi:bi + 1, :, blk.row_start:blk.row_end].contiguous()
+                dq_b, dk_b, dv_b = _flash_backward(
+                    _heads(grad, *rows), _heads(query, *rows), _heads(key, *keys),
+                    _heads(value, *keys), _heads(out, *rows), lse_rows, blk.causal, ctx.scale,
+                    ctx.states[bi][i])
+                _heads(dk, *keys).add_(dk_b)
+                _heads(dv, *keys).add_(dv_b)
+                del dk_b, dv_b
+                first = i == 0 or sample_blocks[i - 1].row_start != blk.row_start
+                last = i + 1 == len(sample_blocks) or \
+                    sample_blocks[i + 1].row_start != blk.row_start
+                if dq_in_place and first:
+                    _heads(dq, *rows).copy_(dq_b)
+                elif dq_in_place:
+                    _heads(dq, *rows).add_(dq_b)
+                else:
+                    dq_rows = dq_b.to(acc) if first else dq_rows.add_(dq_b)
+                    if last:
+                        _heads(dq, *rows).copy_(dq_rows)
+                del dq_b
+        # cast one at a time, so only one fp32 sum and its cast coexist
+        dk = dk.to(key.dtype) if want_k else None
+        dv = dv.to(value.dtype) if want_v else None
+        return dq if want_q else None, dk, dv, None, None
 
 
 def query_pieces(query_start: int, query_end: int, doc_starts: list[int]
@@ -96,7 +168,7 @@ def query_pieces(query_start: int, query_end: int, doc_starts: list[int]
     pieces = []
     a = query_start
     while a < query_end:
-        idx = _last_le(doc_starts, a)
+        idx = bisect.bisect_right(doc_starts, a) - 1
         s0 = doc_starts[idx]
         b = min(query_end, doc_starts[idx + 1]) if idx + 1 < len(doc_starts) else query_end
         pieces.append((a, b, s0))
@@ -104,42 +176,50 @@ def query_pieces(query_start: int, query_end: int, doc_starts: list[int]
     return pieces
 
 
-def _last_le(sorted_values: list[int], x: int) -> int:
-    import bisect
-
-    return bisect.bisect_right(sorted_values, x) - 1
+def attention_blocks(query_chunks: list[tuple[int, int, int]], doc_starts: list[int],
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> list[Block]:
+    """The flash calls for one sample: each run of local rows cut at document starts and then
+    into ``block_size`` rows; each row range sees its document's earlier keys in non-causal
+    blocks of at most ``block_size`` keys, then itself causally (the last block of the range).
+    Blocks of one row range are consecutive."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    blocks = []
+    for local_start, local_end, global_start in query_chunks:
+        shift = global_start - local_start  # global = local + shift
+        for a, b, s0 in query_pieces(global_start, global_start + local_end - local_start,
+                                     doc_starts):
+            for r in range(a, b, block_size):
+                r_end = min(b, r + block_size)
+                for k in range(s0, r, block_size):
+                    blocks.append(Block(r - shift, r_end - shift, k, min(r, k + block_size),
+                                        False))
+                blocks.append(Block(r - shift, r_end - shift, r, r_end, True))
+    return blocks
 
 
 def document_causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float,
                               query_chunks: list[tuple[int, int, int]],
-                              doc_starts: list[list[int]] | None) -> Tensor:
+                              doc_starts: list[list[int]] | None,
+                              block_size: int = DEFAULT_BLOCK_SIZE) -> Tensor:
     """Causal attention restricted to documents, for queries at arbitrary global offsets.
 
     query: ``[sq, b, np, hn]`` (this rank's rows); key/value: ``[sk, b, ng, hn]`` in global
     order. ``query_chunks``: ``(local_start, local_end, global_start)`` for each contiguous run
-    of local rows. ``doc_starts[b]``: sorted global document starts of sample ``b`` (None: one
-    document). Returns ``[sq, b, np * hn]``.
+    of local rows (together they cover all ``sq`` rows). ``doc_starts[b]``: sorted global
+    document starts of sample ``b`` (None: one document). Returns ``[sq, b, np * hn]``.
     """
     sq, batch, heads, dim = query.shape
-    groups = key.shape[2]
-    per_group = heads // groups
-    outputs = []
-    for bi in range(batch):
-        starts = doc_starts[bi] if doc_starts is not None else [0]
-        heads_out = []
-        for g in range(groups):  # GQA: a group's query heads share one (stride-0) KV head
-            q = query[:, bi, g * per_group:(g + 1) * per_group].permute(1, 0, 2)[None]
-            k = key[:, bi, g:g + 1].permute(1, 0, 2)[None].expand(1, per_group, -1, dim)
-            v = value[:, bi, g:g + 1].permute(1, 0, 2)[None].expand(1, per_group, -1, dim)
-            pieces = []
-            for local_start, local_end, global_start in query_chunks:
-                shift = global_start - local_start
-                for a, b, s0 in query_pieces(global_start,
-                                             global_start + local_end - local_start, starts):
-                    pieces.append(prefix_diagonal_attention(
-                        q[:, :, a - shift:b - shift], k[:, :, s0:a], v[:, :, s0:a],
-                        k[:, :, a:b], v[:, :, a:b], scale))
-            heads_out.append(torch.cat(pieces, dim=2)[0])  # [per_group, sq, hn]
-        outputs.append(torch.cat(heads_out, dim=0))  # [np, sq, hn]
-    out = torch.stack(outputs, dim=0)  # [b, np, sq, hn]
-    return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)
+    if heads % key.shape[2]:
+        raise ValueError(f"{heads} query heads do not split into {key.shape[2]} KV groups")
+    edge = 0  # the backward pass writes each row's gradient once: rows must tile [0, sq)
+    for start, end, _ in sorted(query_chunks):
+        if start != edge or end <= start:
+            raise ValueError(f"query_chunks {query_chunks} must cover rows [0, {sq}) once")
+        edge = end
+    if edge != sq:
+        raise ValueError(f"query_chunks {query_chunks} must cover rows [0, {sq}) once")
+    blocks = [attention_blocks(query_chunks, doc_starts[bi] if doc_starts is not None else [0],
+                               block_size) for bi in range(batch)]
+    out = _DocumentCausalAttention.apply(query, key, value, scale, blocks)  # [sq, b, np, hn]
+    return out.view(sq, batch, heads * dim)

@@ -7,16 +7,20 @@ handing them to every layer's core attention through :class:`AttentionContext`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from megatron_longctx.config import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_longctx.model.attention import AttentionContext
 from megatron_longctx.model.chunked_loss import chunked_cross_entropy, logits_chunk_tokens
+from megatron_longctx.model.gpu_kernels import use_transformer_engine
 from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.model.layer_spec import llama_block_spec
 from megatron_longctx.rope import RotaryEmbedding
@@ -47,8 +51,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.add_qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        # megatron-core sets Transformer Engine's NVTE_*_ATTN from it; our core attention reads it
+        attention_backend=AttnBackend[model.attention_backend],
+        # --attention-backend local is megatron-core's local attention: the local spec
+        transformer_impl="transformer_engine" if use_transformer_engine(model.transformer_impl)
+        and model.attention_backend != "local" else "local",
         init_method_std=model.init_method_std,
         rotary_interleaved=model.rotary_interleaved,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -72,14 +81,17 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Pad to a multiple of ``divisible_by`` (then of ``tp`` if that does not split evenly).
-
-    Megatron-LM pads to a multiple of ``divisible_by * tp``, so its output layer changes with
-    the TP size; ours stays the same for every power-of-two TP, so checkpoints and losses are
-    layout-independent.
+    """Megatron-LM's padding (``_vocab_size_with_padding``): up to a multiple of
+    ``divisible_by * tp``, so embedding shapes equal Megatron-LM's at every TP size. The rows
+    therefore change with TP; checkpoints store the unpadded size (``args.model.vocab_size``)
+    and loading at another TP pads or trims the padding rows (see ``check_checkpoint_shapes``).
     """
-    padded = -(-vocab_size // divisible_by) * divisible_by
-    return -(-padded // tp) * tp
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+_NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+_NVTE_SET_HERE: dict[str, str] = {}  # set by _set_attention_backend, not by the user
 
 
 class LongContextGPTModel(GPTModel):
@@ -96,6 +108,7 @@ class LongContextGPTModel(GPTModel):
             share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
             position_embedding_type="none",
         )
+        self.unpadded_vocab_size = model.vocab_size  # rows beyond it: Megatron-LM's padding
         # --cross-entropy-chunk-size (None: automatic, 0: off), read by _postprocess
         self.cross_entropy_chunk_size = cross_entropy_chunk_size
         self.rotary = RotaryEmbedding(
@@ -105,6 +118,20 @@ class LongContextGPTModel(GPTModel):
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         )
+
+    def _set_attention_backend(self) -> None:
+        """megatron-core exports --attention-backend as Transformer Engine's ``NVTE_*_ATTN``
+        and asserts that values already set agree. Without TE they select nothing; with TE, a
+        process that builds models with other backends (eval, tests) may replace the values an
+        earlier model set, while values the user exported are still checked."""
+        if self.config.transformer_impl != "transformer_engine":
+            return
+        for name, value in _NVTE_SET_HERE.items():
+            if os.environ.get(name) == value:
+                del os.environ[name]
+        before = {n for n in _NVTE if n in os.environ}
+        super()._set_attention_backend()
+        _NVTE_SET_HERE.update({n: os.environ[n] for n in _NVTE if n not in before})
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, doc_starts: list[list[int]] | None = None,
@@ -151,7 +178,8 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False
     """This rank's stage of the model (call after ``initialize_model_parallel``);
     ``initialize=False`` skips drawing the weights (see :func:`transformer_config`)."""
     config = transformer_config(model, parallel, bf16, training, initialize)
-    vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
+    vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size,
+                              model.make_vocab_size_divisible_by)
     gpt = LongContextGPTModel(
         config, model, vocab,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -13,9 +13,12 @@ Apple's Cut Cross Entropy, when installed, computes the chunked loss's TP=1 bf16
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def transformer_engine_attention() -> type | None:
@@ -39,3 +42,25 @@ def cut_cross_entropy() -> Callable | None:
     except ImportError:
         return None
     return linear_cross_entropy
+
+
+_logged_fallback = False
+
+
+def use_transformer_engine(transformer_impl: str | None) -> bool:
+    """Whether ``--transformer-impl`` (None: Transformer Engine where usable) gets TE here.
+
+    An explicit ``transformer_engine`` where TE cannot run (no CUDA or no TE) falls back to the
+    local implementation, said once in the log.
+    """
+    if transformer_impl == "local":
+        return False
+    usable = transformer_engine_attention() is not None
+    global _logged_fallback
+    if transformer_impl == "transformer_engine" and not usable and not _logged_fallback:
+        logger.info(
+            "--transformer-impl transformer_engine: Transformer Engine is not usable here (%s); "
+            "using the local implementation", "no CUDA" if not torch.cuda.is_available()
+            else "not installed")
+        _logged_fallback = True
+    return usable

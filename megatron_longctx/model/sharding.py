@@ -45,9 +45,12 @@ def shard(model: torch.nn.Module, name: str, full: Tensor, param: Tensor) -> Ten
     if _is_glu_fc1(model, name):
         return torch.cat([part.chunk(size, dim=dim)[rank] for part in full.chunk(2, dim=dim)],
                          dim=dim)
-    if full.shape[dim] != param.shape[dim] * size:  # e.g. an unpadded vocab
+    want = param.shape[dim] * size
+    if full.shape[dim] > want:  # a vocabulary padded for another TP size: drop padding rows
+        full = full.narrow(dim, 0, want)
+    elif full.shape[dim] < want:  # e.g. an unpadded vocab
         pad = list(full.shape)
-        pad[dim] = param.shape[dim] * size - full.shape[dim]
+        pad[dim] = want - full.shape[dim]
         full = torch.cat([full, full.new_zeros(pad)], dim=dim)
     return full.chunk(size, dim=dim)[rank]
 

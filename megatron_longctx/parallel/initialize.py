@@ -36,15 +36,14 @@ class DistributedEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm node list: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a Slurm node list, as ``scontrol show hostnames`` expands it:
+    ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``, ``"node[1-4]-ib"`` -> ``"node1-ib"``,
+    ``"rack[1-2]-n[01-04]"`` -> ``"rack1-n01"``. (Job scripts set MASTER_ADDR from scontrol.)"""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())  # up to a top-level comma
+    if not first:
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    # each bracket holds ranges and numbers ("01-04,07"): its first host takes the first one
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], first.group(0))
 
 
 def distributed_env(environ: Mapping[str, str] = os.environ) -> DistributedEnv:
@@ -80,17 +79,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30
-                       ) -> DistributedEnv:
-    """Start ``torch.distributed``: NCCL on GPUs, gloo on CPU. Idempotent."""
+def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30,
+                       backend: str | None = None) -> DistributedEnv:
+    """Start ``torch.distributed`` (``--distributed-backend``: NCCL on GPUs and gloo on CPU by
+    default; training passes ``--distributed-timeout-minutes``). Idempotent."""
     env = env or distributed_env()
     if dist.is_initialized():
         return env
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--distributed-backend nccl needs CUDA; use gloo on CPU machines")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        backend = "nccl"
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        backend = "gloo"
     adapt_megatron_core_for_cpu()
     dist.init_process_group(
         backend=backend,

@@ -45,8 +45,51 @@ class GlobalBatchSampler:
         return [mine[i:i + self.micro_batch_size] for i in range(0, local, self.micro_batch_size)]
 
 
-def collate(dataset, indices) -> dict:
+def stack_samples(samples: list[dict]) -> dict:
     """Stack samples; per-sample lists (``doc_starts``) stay lists."""
-    samples = [dataset[int(i)] for i in indices]
     return {k: [s[k] for s in samples] if isinstance(samples[0][k], list)
             else torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def collate(dataset, indices) -> dict:
+    return stack_samples([dataset[int(i)] for i in indices])
+
+
+class _StepIndices:
+    """The micro-batch index lists of steps ``first, first + 1, ...``, endlessly."""
+
+    def __init__(self, sampler: GlobalBatchSampler, first: int):
+        self.sampler, self.first = sampler, first
+
+    def __iter__(self):
+        step = self.first
+        while True:
+            for indices in self.sampler.micro_batches(step):
+                yield [int(i) for i in indices]
+            step += 1
+
+
+class PrefetchingLoader:
+    """``--num-workers N``: N worker processes (torch's DataLoader, as Megatron-LM's) read and
+    collate the micro-batches of the coming steps while the current step trains. Steps are
+    consumed in order; asking for another step (a resume) restarts the workers there."""
+
+    def __init__(self, dataset, sampler: GlobalBatchSampler, num_workers: int):
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self._batches, self._next_step = None, None
+
+    def micro_batches(self, step: int) -> list[dict]:
+        if step != self._next_step:
+            self.close()
+            self._batches = iter(torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=_StepIndices(self.sampler, step),
+                num_workers=self.num_workers, collate_fn=stack_samples))
+        count = len(self.sampler.micro_batches(step))
+        self._next_step = step + 1
+        return [next(self._batches) for _ in range(count)]
+
+    def close(self) -> None:
+        """End the worker processes (also when the loader is garbage-collected)."""
+        if self._batches is not None:
+            self._batches._shutdown_workers()
+        self._batches = self._next_step = None

@@ -152,6 +152,8 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
         shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted earlier
         os.makedirs(tmp)
     _barrier()
+    if hasattr(trainer, "sync_parameters"):  # --overlap-param-gather leaves them stale
+        trainer.sync_parameters()
     state = _sharded_state(trainer, is_loading=False, optim=save_optim, rng=save_rng)
     state.update(args=trainer.cfg.to_dict(), iteration=trainer.step,
                  checkpoint_version=CHECKPOINT_VERSION)

@@ -29,7 +29,7 @@ def _forward_linear_flops_per_token(model: ModelConfig, tp: int) -> float:
     kv = model.head_dim * model.query_groups  # key (and value) projection size
     attention = h * (q + 2 * kv) + q * h
     mlp = 3 * h * model.ffn_hidden_size  # SwiGLU: h -> 2f (gate, up) and f -> h (down)
-    logits = h * padded_vocab_size(model.vocab_size, tp)
+    logits = h * padded_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by)
     return _FMA * (model.num_layers * (attention + mlp) + logits)
 
 

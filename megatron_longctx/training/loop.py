@@ -22,12 +22,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_longctx.training.checkpoint import save_checkpoint
+from megatron_longctx.training.exit_status import EXIT_REASON_FILE
 from megatron_longctx.training.faults import maybe_fault
 from megatron_longctx.training.flops import attention_flops
+from megatron_longctx.training.profiling import build_profiler
 
 logger = logging.getLogger(__name__)
-
-EXIT_REASON_FILE = "exit_reason"
 
 
 class StopSignal:
@@ -112,6 +112,7 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
     train_seconds, trained, save_seconds = 0.0, 0, 0.0
     reason = "finished" if trainer.step >= total else None
     async_queue = None
+    profiler = build_profiler(cfg, dist.get_rank())
     if ck.async_save and ck.save:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -122,6 +123,8 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
                 async_queue.maybe_finalize_async_calls(blocking=False)
             begin = time.perf_counter()
             step_metrics = trainer.train_step()
+            if profiler is not None:
+                profiler.step()
             squares = step_metrics.pop("doc_length_squares", None)
             if squares is not None:
                 window["attention_flops"] += attention_flops(cfg.model, squares)
@@ -203,6 +206,8 @@ def train(trainer, metrics_logger, *, flops_per_iteration: float, peak_tflops: f
     finally:
         if async_queue is not None:  # any other error: the save in flight stays unpublished
             async_queue.close(abort=True)
+        if profiler is not None:
+            profiler.stop()
         bar.close()
     write_exit_reason(ck.save, reason)
     if show:

@@ -104,7 +104,11 @@ class MetricsLogger:
                 raise ImportError("wandb_project is set but wandb is not installed: "
                                   "pip install 'megatron_longctx[wandb]'") from e
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("tensorboard_dir is set but tensorboard is not installed: "
+                                  "pip install 'megatron_longctx[tensorboard]'") from e
         try:  # a sink failing to open closes the ones already open
             if save_dir:
                 os.makedirs(save_dir, exist_ok=True)

@@ -43,27 +43,46 @@ def _flags_for(key: str) -> str:
     return next((flags for fragment, flags in _SHAPE_FLAGS if fragment in key), "the model flags")
 
 
+def _padding_rows_differ(key: str, have: tuple, want: tuple, vocab: int | None) -> bool:
+    """Embedding/output rows that differ only in Megatron-LM's vocabulary padding (another TP
+    size or --make-vocab-size-divisible-by): megatron-core marks these tensors
+    ``allow_shape_mismatch`` and loads the rows both have, zero-filling the rest, so the
+    padding is trimmed or extended and every real token row is kept."""
+    return (key.endswith(("word_embeddings.weight", "output_layer.weight")) and vocab is not None
+            and have[1:] == want[1:] and min(have[0], want[0]) >= vocab)
+
+
 def check_checkpoint_shapes(model, path: str) -> None:
     """Raise ``ValueError`` when the checkpoint in ``path`` cannot fill ``model``: a missing
-    tensor or a different global shape, naming the flag to change."""
+    tensor or a different global shape, naming the flag to change. Vocabulary padding may
+    differ (see ``_padding_rows_differ``)."""
     saved = dist_checkpointing.load_tensors_metadata(path)
     wanted = model.sharded_state_dict()
     apply_factories(wanted)  # e.g. the SwiGLU fc1 as the one tensor it is saved as
     items = {v.key: v for v in nested_values(wanted) if isinstance(v, ShardedTensor)}
-    problems = []
+    vocab = getattr(model, "unpadded_vocab_size", None)
+    problems, padding = [], []
     for item in items.values():
         if item.key not in saved:
             problems.append(f"{item.key} is not in the checkpoint (set by {_flags_for(item.key)})")
             continue
         have, want = tuple(saved[item.key].global_shape), tuple(item.global_shape)
-        if have != want:
+        if have != want and _padding_rows_differ(item.key, have, want, vocab):
+            padding.append(f"{item.key}: {have[0]} rows in the checkpoint, {want[0]} here "
+                           f"(vocabulary {vocab}): padding rows "
+                           f"{'trimmed' if have[0] > want[0] else 'added (zeros)'}")
+        elif have != want:
             hint = ("--num-layers" if item.key.startswith("decoder.layers.")
                     and have[1:] == want[1:] else _flags_for(item.key))
             problems.append(f"{item.key}: checkpoint {have}, this run {want} (change {hint})")
     if dist.is_initialized():  # each pipeline stage checks its own tensors: all raise together
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, problems)
-        problems = list(dict.fromkeys(p for rank_problems in gathered for p in rank_problems))
+        dist.all_gather_object(gathered, (problems, padding))
+        problems = list(dict.fromkeys(p for rank_lists in gathered for p in rank_lists[0]))
+        padding = list(dict.fromkeys(p for rank_lists in gathered for p in rank_lists[1]))
+    if padding and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.info("vocabulary padding differs from the checkpoint's:\n  %s",
+                    "\n  ".join(padding))
     if problems:
         raise ValueError(
             f"the checkpoint {path} does not fit this model:\n  " + "\n  ".join(problems[:8])

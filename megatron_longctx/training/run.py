@@ -15,7 +15,8 @@ import torch.distributed as dist
 import yaml
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.long_context_dataset import SampleOptions, build_blended_dataset
+from megatron_longctx.data.blend import resolve_data_sources
+from megatron_longctx.data.long_context_dataset import SampleOptions, build_split_dataset
 from megatron_longctx.data.packing import split_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.data.tokenizers import build_tokenizer
@@ -53,7 +54,8 @@ def build_datasets(cfg: RunConfig, tokenizer=None):
     held-out long documents of ``--eval-lengths`` (or None); sets ``cfg.model.vocab_size`` from
     the tokenizer."""
     d, t = cfg.data, cfg.training
-    tokenizer = tokenizer or build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    tokenizer = tokenizer or build_tokenizer(d.tokenizer_type, d.tokenizer_model,
+                                             d.vocab_size)
     cfg.model.vocab_size = tokenizer.vocab_size
     options = SampleOptions(t.seq_length, eod=tokenizer.eod,
                             reset_position_ids=d.reset_position_ids,
@@ -61,9 +63,10 @@ def build_datasets(cfg: RunConfig, tokenizer=None):
     evaluate = bool(t.eval_interval)
     long_context = evaluate and bool(t.eval_lengths)
     longest = max(t.eval_lengths) if long_context else 0
-    if d.data_path == ["stdlib"]:
+    sources = resolve_data_sources(d)
+    if sources.kind == "stdlib":
         tokens = stdlib_token_stream(tokenizer)
-        (a, b), (c, e), _ = split_documents(len(tokens), d.split)  # token ranges here
+        (a, b), (c, e), _ = split_documents(len(tokens), sources.split)  # token ranges here
         valid = TokenStreamDataset(tokens[c:e], t.seq_length, options) if evaluate else None
         docs = None
         if long_context:  # the held-out stream cut into documents of the longest length
@@ -71,27 +74,35 @@ def build_datasets(cfg: RunConfig, tokenizer=None):
             docs = [held_out[i:i + longest] for i in range(0, len(held_out) - longest + 1,
                                                             longest)][:t.eval_documents]
         return TokenStreamDataset(tokens[a:b], t.seq_length, options), valid, docs
-    train = build_blended_dataset(d.data_path, d.split, t.iterations * t.global_batch_size,
-                                  options, t.seed, d.length_upsample, d.data_cache_path)
+    if sources.kind == "mock" and d.split is not None:
+        logger.info("--mock-data: split %s (megatron-core's, --split %s is not used)",
+                    sources.split, d.split)
+    train = build_split_dataset(sources, 0, t.iterations * t.global_batch_size, options,
+                                t.seed, tokenizer, d.length_upsample, d.data_cache_path)
     valid = docs = None
     if evaluate:
-        valid = build_blended_dataset(d.data_path, d.split, t.eval_iters * t.global_batch_size,
-                                      options, t.seed, None, d.data_cache_path, split_index=1)
+        valid = build_split_dataset(sources, 1, t.eval_iters * t.global_batch_size, options,
+                                    t.seed, tokenizer, None, d.data_cache_path)
+        if valid is None:
+            raise ValueError("--eval-interval needs validation data: a --split with a "
+                             "validation share, or --valid-data-path")
     if long_context:
-        docs = held_out_documents(d.data_path, d.split, longest, t.eval_documents)
+        docs = held_out_documents(sources, longest, t.eval_documents)
     return train, valid, docs
 
 
-def held_out_documents(data_path: list[str], split: str, min_length: int, count: int) -> list:
+def held_out_documents(sources, min_length: int, count: int) -> list | None:
     """Validation-split documents of at least ``min_length`` tokens, ``count`` at most, taken
     from the sources in order."""
-    from megatron_longctx.data.long_context_dataset import open_indexed, parse_blend
+    from megatron_longctx.data.long_context_dataset import open_indexed
+    from megatron_longctx.data.packing import document_range
     from megatron_longctx.eval.perplexity import long_documents
 
     docs = []
-    for prefix in parse_blend(data_path)[1]:
+    chosen = sources.for_split(1) if sources.kind != "mock" else None
+    for prefix in chosen[0].prefixes if chosen else ():
         indexed = open_indexed(prefix)
-        start, end = split_documents(len(indexed.sequence_lengths), split)[1]
+        start, end = document_range(len(indexed.sequence_lengths), chosen[1])
         docs += long_documents(indexed, min_length, count - len(docs), start, end)
         if len(docs) >= count:
             break
@@ -110,15 +121,14 @@ def _git_revision() -> str:
 
 
 def describe(cfg: RunConfig, model, world_size: int) -> dict:
-    """Parameter count and weight + fp32 grad + optimizer memory of this rank."""
-    params_local = sum(p.numel() for p in model.parameters())
-    bf16 = cfg.training.bf16
-    optimizer_bytes = 12 if bf16 else 8  # Adam moments (+ fp32 main weights with bf16)
-    if cfg.parallel.use_distributed_optimizer:
-        optimizer_bytes /= cfg.parallel.data_parallel_size(world_size)
-    bytes_per_param = (2 if bf16 else 4) + 4 + optimizer_bytes
-    return {"parameters_this_rank": params_local,
-            "model_and_optimizer_gib_this_rank": round(params_local * bytes_per_param / 2**30, 4)}
+    """Parameter count of this rank and the peak memory of the most loaded rank, from the
+    estimator the layout planner uses (``megatron_longctx.training.memory``)."""
+    from megatron_longctx.training.memory import GIB, estimate_memory
+
+    estimate = estimate_memory(cfg, world_size)
+    return {"parameters_this_rank": sum(p.numel() for p in model.parameters()),
+            "memory_estimate_gib_per_rank": round(estimate.total / GIB, 3),
+            "memory_peak_at": estimate.peak_phase.name}
 
 
 def _checkpoint_to_load(cfg: RunConfig) -> tuple[str | None, bool]:
@@ -173,7 +183,8 @@ def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
             logger.warning("--use-checkpoint-args: no checkpoint to read; using the flags")
     cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model,
+                                cfg.data.vocab_size)
     saved_vocab = (saved_args.get("model") or {}).get("vocab_size")
     if saved_vocab is not None and saved_vocab != tokenizer.vocab_size:
         raise ValueError(f"{path} was trained with a {saved_vocab}-token vocabulary, the "
@@ -206,6 +217,10 @@ def run_stage(cfg: RunConfig, world_size: int, stop: StopSignal, started: float,
     if is_last:
         logger.info("resolved config:\n%s", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         logger.info("model: %s", json.dumps(describe(cfg, trainer.model, world_size)))
+        if dry_run:
+            from megatron_longctx.training.memory import estimate_memory
+
+            logger.info("memory per rank:\n%s", estimate_memory(cfg, world_size).explain())
     if dry_run:
         return "dry_run"
     if cfg.checkpoint.save and dist.get_rank() == 0:
@@ -227,6 +242,8 @@ def run_stage(cfg: RunConfig, world_size: int, stop: StopSignal, started: float,
                      started=started)
     finally:
         metrics.close()
+        if trainer.loader is not None:
+            trainer.loader.close()  # --num-workers processes
         del trainer  # its model and optimizer hold reference cycles (config hooks)
         gc.collect()
         if torch.cuda.is_available():
@@ -240,23 +257,45 @@ def stage_finished(cfg: RunConfig) -> bool:
     return step is not None and step >= cfg.training.iterations
 
 
-def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False) -> str:
+def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False,
+         world_size: int | None = None, notes: list[str] = ()) -> str:
     """Run the stages in order (a finished stage is skipped: rerunning the same command
     resumes); returns the last exit reason. Every exit path shuts the process groups down.
-    A staged run also writes the overall reason to ``exit_reason`` beside its stages."""
+    A staged run also writes the overall reason to ``exit_reason`` beside its stages.
+
+    ``world_size`` (dry runs): validate for that many ranks; when it is not the number
+    launched, the dry run stops after validating. ``notes``: Megatron-LM flags accepted
+    without effect here, logged once."""
     started = time.time()  # --exit-duration-in-mins counts from here, across stages
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # ours at INFO, theirs quieter
     stages = stages if isinstance(stages, list) else [stages]
     env = distributed_env()
+    world = world_size or env.world_size
+    layout_only = dry_run and world != env.world_size  # no cluster: validate the flags only
     try:
         for cfg in stages:  # every stage's layout, before any process group or work
-            if not cfg.checkpoint.use_checkpoint_args:  # else: after the shape is read
-                cfg.validate(env.world_size)
+            if layout_only or not cfg.checkpoint.use_checkpoint_args:  # else: after the
+                cfg.validate(world)  # checkpoint's shape is read
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if env.rank == 0 and notes:
+        logger.info("Megatron-LM flags accepted with no effect here:\n  %s", "\n  ".join(notes))
+    if layout_only:
+        for cfg in stages:
+            p = cfg.parallel
+            logger.info("layout valid for %d ranks: TP=%d PP=%d CP=%d DP=%d", world,
+                        p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                        p.context_parallel_size, p.data_parallel_size(world))
+            from megatron_longctx.training.memory import estimate_memory
+
+            logger.info("memory per rank (vocabulary %d from the recipe, the tokenizer is not "
+                        "read):\n%s", cfg.model.vocab_size,
+                        estimate_memory(cfg, world).explain())
+        return "dry_run"
     stop = StopSignal(any(cfg.training.exit_signal_handler for cfg in stages))
-    init_process_group(env)
+    init_process_group(env, stages[0].parallel.distributed_timeout_minutes,
+                       stages[0].parallel.distributed_backend)
     root = os.path.dirname(stages[0].checkpoint.save) if len(stages) > 1 else None
     clear_exit_reason(root)
     reason = "finished"

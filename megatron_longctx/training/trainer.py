@@ -22,7 +22,7 @@ from megatron_longctx.config import RunConfig
 from megatron_longctx.model import build_model
 from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
-from megatron_longctx.training.batches import GlobalBatchSampler, collate
+from megatron_longctx.training.batches import GlobalBatchSampler, PrefetchingLoader, collate
 from megatron_longctx.training.faults import maybe_poison_weights
 from megatron_longctx.training.flops import document_lengths
 from megatron_longctx.training.schedule import build_scheduler
@@ -70,14 +70,16 @@ class Trainer:
             config,
             DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
+                overlap_grad_reduce=p.overlap_grad_reduce,
+                overlap_param_gather=p.overlap_param_gather,
                 use_distributed_optimizer=p.use_distributed_optimizer,
             ),
             self.model,
         )
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                optimizer=t.optimizer, sgd_momentum=t.sgd_momentum,
+                lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                 adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                 clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=config.params_dtype,
                 use_distributed_optimizer=p.use_distributed_optimizer,
@@ -88,7 +90,10 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.ddp.no_sync
-        self.sampler = self._sampler(dataset, shuffle=True)
+        # --dataloader-type: cyclic reshuffles every epoch, single keeps the dataset's order
+        self.sampler = self._sampler(dataset, shuffle=cfg.data.dataloader_type == "cyclic")
+        self.loader = (PrefetchingLoader(dataset, self.sampler, cfg.data.num_workers)
+                       if cfg.data.num_workers > 0 else None)
         self.valid_dataset = valid_dataset
         self.long_documents = None  # held-out long documents for evaluate_long_context()
         if valid_dataset is not None:  # the same batches at every evaluation
@@ -108,6 +113,14 @@ class Trainer:
             len(dataset), t.global_batch_size, t.micro_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(), seed=t.seed, shuffle=shuffle)
+
+    def sync_parameters(self) -> None:
+        """With ``--overlap-param-gather`` the distributed optimizer's updated shards reach the
+        other DP ranks only in the next forward (megatron-core's pre-hooks): gather them now,
+        before a checkpoint reads the parameters (as Megatron-LM does around saves)."""
+        if self.cfg.parallel.overlap_param_gather:
+            self.ddp.disable_forward_pre_hook()  # param_sync=True: all-gathers every bucket
+            self.ddp.enable_forward_pre_hook()
 
     # -- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
@@ -142,7 +155,10 @@ class Trainer:
         t = self.cfg.training
         dataset, sampler = ((self.valid_dataset, self.valid_sampler) if validation
                             else (self.dataset, self.sampler))
-        micro = [collate(dataset, idx) for idx in sampler.micro_batches(step)]
+        if self.loader is not None and not validation:
+            micro = self.loader.micro_batches(step)
+        else:
+            micro = [collate(dataset, idx) for idx in sampler.micro_batches(step)]
         squares = 0  # sum of document length^2: the attention work with document masks
         if self.cfg.data.reset_attention_mask and not forward_only:
             squares = sum(n * n for batch in micro for lengths in

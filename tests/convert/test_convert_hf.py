@@ -226,7 +226,7 @@ def test_bad_inputs_write_nothing(single_process_group, source_model, tmp_path, 
     elif bad == "sliding_window":
         _edit_config(src, sliding_window=32)
     else:
-        kwargs["make_vocab_size_divisible_by"] = 64
+        kwargs["make_vocab_size_divisible_by"] = 0
     with pytest.raises(ConversionError, match=match):
         hf_to_mcore(src, str(tmp_path / "ckpt"), **kwargs)
     assert not os.path.exists(tmp_path / "ckpt")

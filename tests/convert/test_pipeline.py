@@ -51,7 +51,7 @@ def test_hf_pretrain_hf(single_process_group, tmp_path):
     log = pretrain("--pretrained-checkpoint", ckpt, "--use-checkpoint-args", "--save", save,
                    "--load", save, "--train-iters", "2", "--seq-length", "64",
                    "--micro-batch-size", "2", "--global-batch-size", "4",
-                   "--lr-warmup-iters", "1", "--log-interval", "1",
+                   "--lr-warmup-iters", "1", "--log-interval", "1", "--data-path", "stdlib",
                    "--rope-type", "yarn", "--rope-factor", "2",
                    "--original-max-position-embeddings", str(ORIG))
     assert "rope: checkpoint default" in log, log[-3000:]

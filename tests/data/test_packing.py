@@ -12,7 +12,6 @@ from megatron_longctx.data.long_context_dataset import (
     PackedDataset,
     SampleOptions,
     build_blended_dataset,
-    parse_blend,
     parse_upsample,
 )
 
@@ -157,13 +156,6 @@ def test_datasets_with_several_sequences_per_document_are_refused(tmp_path):
     builder.finalize(prefix + ".idx")
     with pytest.raises(ValueError, match="3 sequences in 2 documents"):
         build_blended_dataset([prefix], "1", 1, SampleOptions(4, eod=EOD), 0)
-
-
-@pytest.mark.parametrize("value,match", [
-    (["0.5", "a", "b"], "WEIGHT PREFIX"), (["x", "a", "y", "b"], "weights must be numbers")])
-def test_bad_blend_specs(value, match):
-    with pytest.raises(ValueError, match=match):
-        parse_blend(value)
 
 
 def test_bad_upsample_specs():

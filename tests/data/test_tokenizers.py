@@ -50,7 +50,10 @@ def test_byte_tokenizer_module_still_exports_the_class():
 
 
 @pytest.mark.parametrize("kind, model, match", [
-    ("GPT2BPETokenizer", None, "unknown --tokenizer-type 'GPT2BPETokenizer'; choose one of"),
+    ("BertWordPieceCase", None, "unknown --tokenizer-type 'BertWordPieceCase'; choose one of"),
+    ("GPT2BPETokenizer", None, "needs --vocab-file \\(vocab.json\\) and --merge-file"),
+    ("TikTokenizer", None, "needs --tokenizer-model"),
+    ("NullTokenizer", None, "needs --vocab-size"),
     ("SentencePieceTokenizer", None, "needs --tokenizer-model"),
     ("SentencePieceTokenizer", "/no/such/file.model", "does not exist"),
     ("HuggingFaceTokenizer", "/no/such/dir", "nothing is downloaded"),

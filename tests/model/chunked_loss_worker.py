@@ -63,6 +63,9 @@ def model_config(untie: bool) -> RunConfig:
     cfg = RunConfig()
     cfg.model.num_query_groups = 2
     cfg.model.untie_embeddings_and_output_weights = untie
+    # Megatron-LM pads the vocabulary to a multiple of 128 x TP, so TP=1 and TP=2 would differ in
+    # padding rows, whose logits enter the loss; divisor 1 pads 258 (260) the same at both
+    cfg.model.make_vocab_size_divisible_by = 1
     return cfg
 
 

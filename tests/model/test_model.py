@@ -87,7 +87,16 @@ def test_transformer_engine_attention_is_used_only_where_it_applies(model_parall
             calls.append(("forward", attn_mask_type))
             return torch.zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
 
+    from megatron_longctx.model import gpu_kernels
+
     monkeypatch.setattr(attention_module, "transformer_engine_attention", lambda: FakeTE)
+    # --transformer-impl: TE where usable (megatron_longctx.model.gpu_kernels)
+    monkeypatch.setattr(gpu_kernels, "transformer_engine_attention", lambda: FakeTE)
+    for impl, backend in (("local", "auto"), (None, "local")):  # TE not wanted: never built
+        cfg = RunConfig()
+        cfg.model.transformer_impl, cfg.model.attention_backend = impl, backend
+        build_model(cfg.model, cfg.parallel)
+        assert calls == []
     cfg = RunConfig()
     cfg.parallel.cp_comm_type = "a2a"
     model = build_model(cfg.model, cfg.parallel).eval()

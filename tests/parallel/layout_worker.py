@@ -73,7 +73,11 @@ LAYOUTS = {
 def config(variant: str, **parallel) -> RunConfig:
     rope, data = VARIANTS[variant]
     cfg = RunConfig()
+    cfg.data.data_path = ["stdlib"]  # datasets are built here; validate() wants a source
     m, t = cfg.model, cfg.training
+    # Megatron-LM pads the vocabulary to a multiple of 128 x TP, so TP=1 and TP=2 would differ in
+    # padding rows, whose logits enter the loss; divisor 1 pads 258 (260) the same at both
+    m.make_vocab_size_divisible_by = 1
     m.num_layers, m.hidden_size, m.ffn_hidden_size = 4, 64, 128
     m.num_attention_heads, m.num_query_groups = 4, 2
     m.rope_parameters = ROPES[rope]

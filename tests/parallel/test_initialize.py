@@ -19,7 +19,10 @@ def test_slurm_env_uses_first_host():
 
 
 @pytest.mark.parametrize("nodelist,host", [("node1", "node1"), ("a[3-4]", "a3"),
-                                           ("x[10,2-3],y", "x10"), ("h1,h2", "h1")])
+                                           ("x[10,2-3],y", "x10"), ("h1,h2", "h1"),
+                                           ("node[1-4]-ib", "node1-ib"),
+                                           ("rack[1-2]-n[01-04]", "rack1-n01"),
+                                           ("gpu[007-009]-ib,login", "gpu007-ib")])
 def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -54,6 +57,7 @@ def test_context_parallel_needs_sequence_divisible_by_2cp():
 
 def test_global_batch_divisible_by_micro_times_dp():
     cfg = RunConfig()
+    cfg.data.data_path = ["stdlib"]
     cfg.training.global_batch_size, cfg.training.micro_batch_size = 6, 2
     cfg.training.train_iters = 10
     with pytest.raises(ValueError, match="multiple of 4"):

@@ -25,7 +25,11 @@ from megatron_longctx.training.trainer import Trainer
 
 def config(**parallel) -> RunConfig:
     cfg = RunConfig()
+    cfg.data.data_path = ["stdlib"]  # the trainer gets its dataset directly; validate() wants one
     cfg.model.num_layers, cfg.model.num_query_groups = 2, 2
+    # Megatron-LM pads the vocabulary to a multiple of 128 x TP, so TP=1 and TP=2 would differ in
+    # padding rows, whose logits enter the loss; divisor 1 pads 258 (260) the same at both
+    cfg.model.make_vocab_size_divisible_by = 1
     cfg.training.seq_length, cfg.training.train_iters = 64, 4
     for k, v in parallel.items():
         setattr(cfg.parallel, k, v)

@@ -23,7 +23,7 @@ PRETRAIN = os.path.join(ROOT, "tools", "pretrain.py")
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
         "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3",
-        "--lr-warmup-iters", "2", "--log-interval", "1"]
+        "--lr-warmup-iters", "2", "--log-interval", "1", "--data-path", "stdlib"]
 
 
 def pretrain(*args: str, nproc: int = 1, fault: str | None = None, check: bool = True,
@@ -226,6 +226,7 @@ model: {num_layers: 2, hidden_size: 64, ffn_hidden_size: 176, num_attention_head
 training: {seq_length: 64, micro_batch_size: 2, global_batch_size: 4, train_iters: 3,
            lr: 3.0e-3, lr_warmup_iters: 1}
 checkpoint: {save: SAVE}
+data: {data_path: [stdlib]}
 logging: {log_interval: 1, tensorboard_dir: TB}
 stages:
   - {}

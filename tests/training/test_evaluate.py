@@ -20,7 +20,7 @@ def test_evaluate_is_deterministic_and_tracks_training(model_parallel, tmp_path)
     cfg.training.seq_length, cfg.training.train_iters = 128, 12
     cfg.training.eval_interval, cfg.training.eval_iters = 6, 2
     cfg.training.eval_lengths, cfg.training.eval_documents = [32, 128], 2
-    cfg.data.split = "90,10,0"
+    cfg.data.data_path, cfg.data.split = ["stdlib"], "90,10,0"
     train, valid, docs = build_datasets(cfg)
     assert valid is not None and len(valid) < len(train)
     assert [len(d) for d in docs] == [128, 128]

@@ -80,11 +80,11 @@ def test_llama2_7b_by_hand():
     assert num_floating_point_operations(LLAMA2_7B, s, 8) == 8 * expected
     # the attention term alone
     assert effective_attention_flops(LLAMA2_7B, [[s]]) == attention * tokens
-    # TP pads the vocabulary (32000 -> 32000 for tp=2, 32001 -> 32128 for any tp): only the
-    # logits term changes
+    # TP pads the vocabulary as Megatron-LM (a multiple of 128 x TP: 32000 -> 32000 for tp=2,
+    # 32001 -> 32256): only the logits term changes
     padded = ModelConfig(**{**LLAMA2_7B.__dict__, "vocab_size": 32001})
     assert (num_floating_point_operations(padded, s, 1, tp=2) - expected
-            == 6 * h * 128 * tokens)
+            == 6 * h * 256 * tokens)
 
 
 def test_effective_attention_with_documents():
