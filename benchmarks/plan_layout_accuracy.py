@@ -28,9 +28,9 @@ sys.path.insert(0, ROOT)
 
 STEPS = 2  # the second step runs with the optimizer states of the first
 GOAL = 0.15
-# glibc keeps freed heap blocks and the heap grows step after step (4.2 -> 4.8 GiB peak from
-# step 2 to 3 of the same run, measured); a fixed mmap threshold returns freed tensors to the
-# OS, so RSS follows the live tensors, which is what the estimator counts
+# glibc keeps freed heap blocks and the retained heap grows step after step (see the notes);
+# a fixed mmap threshold returns freed tensors to the OS, so RSS follows the live tensors,
+# which is what the estimator counts
 MMAP_THRESHOLD = 1 << 20
 MODEL = {"num_layers": 8, "hidden_size": 1024, "ffn_hidden_size": 2816,
          "num_attention_heads": 16, "num_query_groups": 4, "vocab_size": 32000,
@@ -149,6 +149,7 @@ def main() -> None:
             rows.append([name, rank, f"{measured / GIB:.2f}", f"{estimate.total / GIB:.2f}",
                          f"{errors[-1]:+.1%}",
                          " ".join(f"{t.name[:5]} {t.bytes / GIB:.2f}" for t in estimate.terms),
+                         estimate.peak_phase.name,
                          f"{r['seconds']:.0f}"])
             print(rows[-1], flush=True)
         big = min(r["peak"] - r["baseline"] for r in ranks) >= 1.5 * GIB
@@ -161,13 +162,20 @@ def main() -> None:
         f"{MODEL['num_query_groups']} KV groups, vocabulary {MODEL['vocab_size']} unless "
         f"stated; micro-batch 1, Adam, {STEPS} training steps, 2 processes (torchrun, gloo, 1 "
         f"thread each). measured: peak RSS (`ru_maxrss`) minus RSS after setup (imports, "
-        f"process groups, dataset; before the model is built). estimate: "
+        f"process groups, dataset; before the model is built), with "
+        f"`MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}` so that glibc returns freed tensors to the "
+        f"OS and RSS follows the live tensors (with its defaults the retained heap grows step "
+        f"after step: a single-process run of the DP config's model had 2.5, 3.9, 4.2 GiB "
+        f"after steps 1-3 and peaked at 4.8 GiB; with the threshold 2.4 GiB after every step, "
+        f"4.25 GiB peak). estimate: "
         f"`megatron_longctx.training.memory.stage_memory` for the rank's pipeline stage "
-        f"(terms in GiB: weights, gradients, optimizer, activations, logits, transient). "
+        f"(terms in GiB: weights, gradients, optimizer, activations, logits; the total is "
+        f"weights + gradients + optimizer + the largest of the step's peak candidates, named "
+        f"in 'peak at'). "
         f"Command: `python benchmarks/plan_layout_accuracy.py`.")
     print(write_markdown(args.out, "Memory estimator vs measured peak (2 ranks, CPU)",
                          ["configuration", "rank", "measured GiB", "estimate GiB", "error",
-                          "estimate terms (GiB)", "run s"], rows, notes))
+                          "estimate terms (GiB)", "peak at", "run s"], rows, notes))
 
 
 if __name__ == "__main__":

@@ -4,16 +4,16 @@ Long-context attention needs three patterns that plain ``is_causal`` SDPA cannot
 packed documents (a query sees only its own document), and context parallelism (a rank's query
 chunk sits at a global offset and sees all earlier keys), and both together. Each reduces to
 query rows ``[a, b)`` of a document starting at ``s0``: keys ``[s0, a)`` are fully visible
-(the prefix), keys ``[a, b)`` causally (the diagonal). We cut rows and keys into blocks of at
-most ``block_size`` tokens, run flash attention per block and merge the blocks with their
+(the prefix), keys ``[a, b)`` causally (the diagonal). We cut rows and keys into blocks, run
+flash attention per block and merge the blocks with their
 log-sum-exps (the ring/flash-attention recurrence); backward calls flash backward per block
 with the merged output and log-sum-exp, which makes every block's gradient exact.
 
 Memory: no ``s x s`` mask or score matrix is ever built. Queries, keys and values are read as
 strided views (K/V per KV group: the kernels' GQA support, no per-head copies), the output,
 its log-sum-exp and the input gradients are preallocated and written block by block in place,
-so besides them only one block's temporaries live at a time (forward + backward peak about
-3x the query tensor at 32 heads / 8 groups, see ``benchmarks/attention_memory.py``).
+so besides them only one block's temporaries live at a time (see
+``benchmarks/results/attention_memory.md``). bf16/fp16 merges and dK/dV sums run in fp32.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from torch import Tensor
 
 _aten = torch.ops.aten
 
-# Rows and keys per flash call. Bounds the per-block temporaries (at 32 heads x 128 fp32, a
-# 4096-row block is 64 MiB); larger blocks barely speed up the CPU kernel.
-DEFAULT_BLOCK_SIZE = 4096
+# Query rows per flash call: the temporaries of a call (its output, dq, the fp32 merge
+# buffer) scale with them; 1024 rows at 32 heads x 128 are 16 MiB in fp32. Key blocks are 4x
+# longer: their temporaries (dk, dv) are per KV group, and every extra key block costs one
+# merge pass over the rows' output (memory traffic that matters on GPUs, hence larger blocks
+# there). Measured in benchmarks/attention_memory.py.
+CPU_BLOCK_SIZE, CUDA_BLOCK_SIZE, KEY_BLOCK_FACTOR = 1024, 4096, 4
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,23 @@ def _flash_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         grad, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
-def _heads(t: Tensor, start: int, end: int, sample: int) -> Tensor:
-    """``t [s, b, h, d]`` rows ``[start, end)`` of one sample as a ``[1, h, L, d]`` view."""
-    return t[start:end, sample].permute(1, 0, 2)[None]
+def _heads(t: Tensor, start: int, end: int, sample: int, heads: slice = slice(None)
+           ) -> Tensor:
+    """``t [s, b, h, d]`` rows ``[start, end)`` of one sample (and a range of its heads) as a
+    ``[1, h, L, d]`` view."""
+    return t[start:end, sample, heads].permute(1, 0, 2)[None]
+
+
+def _group_passes(query: Tensor, key: Tensor, acc: torch.dtype) -> list[tuple[int, int]]:
+    """KV-group ranges the backward pass handles one after the other. bf16/fp16 dK/dV are
+    summed in fp32; on the CPU the groups are taken a few at a time so that those fp32 sums stay
+    within a quarter of the query tensor (on GPUs, one pass: the kernels want many heads)."""
+    groups = key.shape[2]
+    if acc == key.dtype or query.is_cuda:
+        return [(0, groups)]
+    per_group = 2 * key[:, :, 0].numel() * torch.finfo(acc).bits // 8  # dK + dV of a group
+    step = max(1, query.numel() * query.element_size() // 4 // per_group)
+    return [(g, min(groups, g + step)) for g in range(0, groups, step)]
 
 
 class _DocumentCausalAttention(torch.autograd.Function):
@@ -119,43 +136,54 @@ class _DocumentCausalAttention(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         want_q, want_k, want_v = ctx.needs_input_grad[:3]
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()  # [sq, b, np, hn]
-        # every local row belongs to exactly one row range: dq is written, never accumulated
-        dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [sq, b, np, hn]
-        # dK/dV sum over all row blocks: fp32 sums for bf16/fp16 (as the kernels do inside)
+        per_group = query.shape[2] // key.shape[2]
         acc = torch.promote_types(key.dtype, torch.float32)
-        dk = torch.zeros(key.shape, dtype=acc, device=key.device)  # [sk, b, ng, hn]
-        dv = torch.zeros(value.shape, dtype=acc, device=value.device)
-        # fp32/fp64 sum dq in place; bf16/fp16 in an fp32 buffer of one row range
-        dq_in_place = acc == query.dtype
-        for bi, sample_blocks in enumerate(ctx.blocks):
-            dq_rows = None
-            for i, blk in enumerate(sample_blocks):
-                rows = (blk.row_start, blk.row_end, bi)
-                keys = (blk.key_start, blk.key_end, bi)
-                lse_rows = lse[bi:bi + 1, :, blk.row_start:blk.row_end].contiguous()
-                dq_b, dk_b, dv_b = _flash_backward(
-                    _heads(grad, *rows), _heads(query, *rows), _heads(key, *keys),
-                    _heads(value, *keys), _heads(out, *rows), lse_rows, blk.causal, ctx.scale,
-                    ctx.states[bi][i])
-                _heads(dk, *keys).add_(dk_b)
-                _heads(dv, *keys).add_(dv_b)
-                del dk_b, dv_b
-                first = i == 0 or sample_blocks[i - 1].row_start != blk.row_start
-                last = i + 1 == len(sample_blocks) or \
-                    sample_blocks[i + 1].row_start != blk.row_start
-                if dq_in_place and first:
-                    _heads(dq, *rows).copy_(dq_b)
-                elif dq_in_place:
-                    _heads(dq, *rows).add_(dq_b)
-                else:
-                    dq_rows = dq_b.to(acc) if first else dq_rows.add_(dq_b)
-                    if last:
-                        _heads(dq, *rows).copy_(dq_rows)
-                del dq_b
-        # cast one at a time, so only one fp32 sum and its cast coexist
-        dk = dk.to(key.dtype) if want_k else None
-        dv = dv.to(value.dtype) if want_v else None
-        return dq if want_q else None, dk, dv, None, None
+        exact = acc == key.dtype  # fp32/fp64: sum dq, dK and dV in place
+        # every local row belongs to exactly one row range: dq is written once per range
+        dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [sq, b, np, hn]
+        # dK/dV sum over all row blocks: straight into them, or (bf16/fp16) in fp32 per pass
+        make = torch.zeros if exact else torch.empty
+        dk = make(key.shape, dtype=key.dtype, device=key.device)  # [sk, b, ng, hn]
+        dv = make(value.shape, dtype=value.dtype, device=value.device)
+        for g0, g1 in _group_passes(query, key, acc):
+            groups, heads = slice(g0, g1), slice(g0 * per_group, g1 * per_group)
+            if exact:
+                dk_sum, dv_sum = dk[:, :, groups], dv[:, :, groups]
+            else:
+                dk_sum = torch.zeros(dk[:, :, groups].shape, dtype=acc, device=dk.device)
+                dv_sum = torch.zeros_like(dk_sum)
+            for bi, sample_blocks in enumerate(ctx.blocks):
+                dq_rows = None  # bf16/fp16: fp32 sum of the current row range
+                for i, blk in enumerate(sample_blocks):
+                    rows = (blk.row_start, blk.row_end, bi)
+                    keys = (blk.key_start, blk.key_end, bi)
+                    lse_rows = lse[bi:bi + 1, heads, blk.row_start:blk.row_end].contiguous()
+                    dq_b, dk_b, dv_b = _flash_backward(
+                        _heads(grad, *rows, heads), _heads(query, *rows, heads),
+                        _heads(key, *keys, groups), _heads(value, *keys, groups),
+                        _heads(out, *rows, heads), lse_rows, blk.causal, ctx.scale,
+                        ctx.states[bi][i])
+                    _heads(dk_sum, *keys).add_(dk_b)
+                    _heads(dv_sum, *keys).add_(dv_b)
+                    del dk_b, dv_b
+                    first = i == 0 or sample_blocks[i - 1].row_start != blk.row_start
+                    last = i + 1 == len(sample_blocks) or \
+                        sample_blocks[i + 1].row_start != blk.row_start
+                    if exact and first:
+                        _heads(dq, *rows, heads).copy_(dq_b)
+                    elif exact:
+                        _heads(dq, *rows, heads).add_(dq_b)
+                    else:
+                        dq_rows = dq_b.to(acc) if first else dq_rows.add_(dq_b)
+                        if last:
+                            _heads(dq, *rows, heads).copy_(dq_rows)
+                    del dq_b
+            if not exact:
+                dk[:, :, groups] = dk_sum
+                dv[:, :, groups] = dv_sum
+                del dk_sum, dv_sum
+        return (dq if want_q else None, dk if want_k else None, dv if want_v else None,
+                None, None)
 
 
 def query_pieces(query_start: int, query_end: int, doc_starts: list[int]
@@ -177,13 +205,14 @@ def query_pieces(query_start: int, query_end: int, doc_starts: list[int]
 
 
 def attention_blocks(query_chunks: list[tuple[int, int, int]], doc_starts: list[int],
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> list[Block]:
+                     block_size: int, key_block_size: int | None = None) -> list[Block]:
     """The flash calls for one sample: each run of local rows cut at document starts and then
     into ``block_size`` rows; each row range sees its document's earlier keys in non-causal
-    blocks of at most ``block_size`` keys, then itself causally (the last block of the range).
-    Blocks of one row range are consecutive."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    blocks of at most ``key_block_size`` keys (default ``block_size``), then itself causally
+    (the last block of the range). Blocks of one row range are consecutive."""
+    key_block_size = key_block_size or block_size
+    if block_size < 1 or key_block_size < 1:
+        raise ValueError(f"block sizes must be positive, got {block_size}, {key_block_size}")
     blocks = []
     for local_start, local_end, global_start in query_chunks:
         shift = global_start - local_start  # global = local + shift
@@ -191,8 +220,8 @@ def attention_blocks(query_chunks: list[tuple[int, int, int]], doc_starts: list[
                                      doc_starts):
             for r in range(a, b, block_size):
                 r_end = min(b, r + block_size)
-                for k in range(s0, r, block_size):
-                    blocks.append(Block(r - shift, r_end - shift, k, min(r, k + block_size),
+                for k in range(s0, r, key_block_size):
+                    blocks.append(Block(r - shift, r_end - shift, k, min(r, k + key_block_size),
                                         False))
                 blocks.append(Block(r - shift, r_end - shift, r, r_end, True))
     return blocks
@@ -201,13 +230,15 @@ def attention_blocks(query_chunks: list[tuple[int, int, int]], doc_starts: list[
 def document_causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float,
                               query_chunks: list[tuple[int, int, int]],
                               doc_starts: list[list[int]] | None,
-                              block_size: int = DEFAULT_BLOCK_SIZE) -> Tensor:
+                              block_size: int | None = None) -> Tensor:
     """Causal attention restricted to documents, for queries at arbitrary global offsets.
 
     query: ``[sq, b, np, hn]`` (this rank's rows); key/value: ``[sk, b, ng, hn]`` in global
     order. ``query_chunks``: ``(local_start, local_end, global_start)`` for each contiguous run
     of local rows (together they cover all ``sq`` rows). ``doc_starts[b]``: sorted global
-    document starts of sample ``b`` (None: one document). Returns ``[sq, b, np * hn]``.
+    document starts of sample ``b`` (None: one document). ``block_size``: query rows per flash
+    call (default 1024 on CPU, 4096 on CUDA), keys per call 4x that. Returns
+    ``[sq, b, np * hn]``.
     """
     sq, batch, heads, dim = query.shape
     if heads % key.shape[2]:
@@ -219,7 +250,9 @@ def document_causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: 
         edge = end
     if edge != sq:
         raise ValueError(f"query_chunks {query_chunks} must cover rows [0, {sq}) once")
+    block_size = block_size or (CUDA_BLOCK_SIZE if query.is_cuda else CPU_BLOCK_SIZE)
+    key_block_size = KEY_BLOCK_FACTOR * block_size
     blocks = [attention_blocks(query_chunks, doc_starts[bi] if doc_starts is not None else [0],
-                               block_size) for bi in range(batch)]
+                               block_size, key_block_size) for bi in range(batch)]
     out = _DocumentCausalAttention.apply(query, key, value, scale, blocks)  # [sq, b, np, hn]
     return out.view(sq, batch, heads * dim)

@@ -38,9 +38,10 @@ def document_causal_mask(s, starts):
     return torch.ones(s, s, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :])
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 8, 4096])
+@pytest.mark.parametrize("block_size,key_block_size", [(1, 1), (3, 3), (2, 8), (8, 8),
+                                                       (4096, 4096)])
 @pytest.mark.parametrize("cp", [1, 2])
-def test_blocks_tile_the_document_causal_mask_once(block_size, cp):
+def test_blocks_tile_the_document_causal_mask_once(block_size, key_block_size, cp):
     """Every visible (query, key) pair is computed exactly once, nothing else, and the causal
     blocks are exactly the diagonal ones."""
     from megatron_longctx.model.context_parallel import local_query_chunks
@@ -50,9 +51,9 @@ def test_blocks_tile_the_document_causal_mask_once(block_size, cp):
     for rank in range(cp):
         chunks = [(0, s, 0)] if cp == 1 else local_query_chunks(rank, cp, s // cp)
         count = torch.zeros(s, s, dtype=torch.long)
-        for blk in attention_blocks(chunks, starts, block_size):
+        for blk in attention_blocks(chunks, starts, block_size, key_block_size):
             assert blk.row_end - blk.row_start <= block_size
-            assert blk.key_end - blk.key_start <= block_size
+            assert blk.key_end - blk.key_start <= key_block_size
             shift = next(g - a for a, e, g in chunks if a <= blk.row_start < e)
             rows = slice(blk.row_start + shift, blk.row_end + shift)
             assert blk.causal == (rows.start == blk.key_start and rows.stop == blk.key_end)
@@ -108,18 +109,22 @@ def test_cp_rank_chunks_equal_full_attention_rows(cp, docs, block_size):
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("block_size", [3, 8])
-def test_bf16_blocks_match_float64_reference(block_size):
-    """bf16 with many blocks (fp32 merges and dK/dV sums) stays within bf16 rounding: max error
-    <= 1% of the largest reference value (one block, no merging, measures 0.2-0.6%)."""
+@pytest.mark.parametrize("block_size,g", [(3, 1), (8, 1), (8, 2)])
+def test_bf16_blocks_match_float64_reference(block_size, g):
+    """bf16 with many blocks (fp32 merges and dK/dV sums, two KV groups: one backward pass
+    each) stays within bf16 rounding: max error <= 1% of the largest reference value (one
+    block, no merging, measures 0.2-0.6%)."""
+    from megatron_longctx.model.blockwise_attention import _group_passes
+
     torch.manual_seed(3)
-    s, h, g, d = 96, 4, 1, 16
+    s, h, d = 96, 4, 16
     # float64 copies of bf16 values: the reference sees exactly the inputs bf16 does
     q, k, v = (torch.randn(s, 1, n, d).bfloat16().double() for n in (h, g, g))
     ref = dense_reference(*(t.requires_grad_() for t in (q, k, v)), 0.25, [[0, 40]])
     grad = torch.randn_like(ref).bfloat16().double()
     expected = torch.autograd.grad(ref, (q, k, v), grad)
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert len(_group_passes(low[0], low[1], torch.float32)) == g
     out = document_causal_attention(*low, 0.25, [(0, s, 0)], [[0, 40]], block_size=block_size)
     got = torch.autograd.grad(out, low, grad.bfloat16())
     for a, e in zip((out, *got), (ref, *expected)):
