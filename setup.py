@@ -9,6 +9,7 @@ TOOLS = [
     "make_stdlib_corpus", "make_retrieval_corpus", "convert_hf_to_mcore", "convert_mcore_to_hf",
     "harpe_bases", "longrope_search", "eval_perplexity", "eval_passkey", "eval_ruler",
     "extension_report", "analyze_impactful_tokens", "merge_checkpoints", "plan_layout",
+    "select_long_samples",
 ]
 
 setup(

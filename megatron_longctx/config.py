@@ -334,6 +334,9 @@ class CheckpointConfig:
     save_optim: bool = True
     save_rng: bool = True
     exit_on_missing_checkpoint: bool = False
+    # --save holds checkpoints this run does not resume: delete them when training starts
+    # (default: refuse, so a mistyped --load never overwrites a run)
+    override_save: bool = False
     use_checkpoint_args: bool = False  # model shape from the checkpoint's metadata
     ckpt_step: int | None = None  # load this iteration instead of the latest
     keep_last: int | None = None  # delete older checkpoints once a newer one is complete
@@ -400,6 +403,12 @@ class DataConfig:
     # per source "THRESHOLD:KEEP_P" (or one for all): keep docs < THRESHOLD tokens with KEEP_P
     length_upsample: list[str] | None = None
     data_cache_path: str | None = None  # sample-index cache; default: beside the data
+    # PoSE / LongRecipe (methods.position_transform): samples of --seq-length tokens from single
+    # documents, their position ids spread over --target-length; --pack-short packs (without
+    # the transform) the documents too short for one sample instead of dropping them
+    position_transform: str = "none"
+    target_length: int | None = None
+    pack_short: bool = False
 
     def validate(self) -> None:
         from megatron_longctx.data.blend import check_data_config
@@ -422,6 +431,7 @@ class RunConfig:
         self.training.validate(self.parallel.data_parallel_size(world_size))
         self.checkpoint.validate()
         self.data.validate()
+        self._check_position_transform()
         if self.logging.log_interval < 1:
             raise ValueError(f"--log-interval must be >= 1, got {self.logging.log_interval}")
         log = self.logging
@@ -457,6 +467,27 @@ class RunConfig:
         if self.training.optimizer == "sgd" and self.parallel.use_distributed_optimizer:
             raise ValueError("--use-distributed-optimizer supports --optimizer adam only "
                              "(megatron-core); drop one of them")
+
+    def _check_position_transform(self) -> None:
+        from megatron_longctx.methods.position_transform import TRANSFORMS
+
+        d, s = self.data, self.training.seq_length
+        if d.position_transform not in TRANSFORMS:
+            raise ValueError(f"--position-transform {d.position_transform!r}: expected one of "
+                             f"{', '.join(TRANSFORMS)}")
+        if d.position_transform == "none":
+            if d.pack_short or d.target_length is not None:
+                raise ValueError("--pack-short and --target-length go with --position-transform "
+                                 "pose|longrecipe")
+            return
+        if d.target_length is None or d.target_length < s:
+            raise ValueError(f"--position-transform {d.position_transform} needs --target-length"
+                             f" >= --seq-length {s} (the window the positions span), got "
+                             f"{d.target_length}")
+        if d.data_path == ["stdlib"]:
+            raise ValueError("--position-transform takes single documents of an indexed "
+                             "dataset; --data-path stdlib is a token stream: preprocess data "
+                             "with tools/preprocess_data.py and pass its prefix")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,6 +27,7 @@ TOOLS = {
     "longrope_search": "megatron_longctx.methods.longrope_tool",
     "analyze_impactful_tokens": "megatron_longctx.methods.impactful_tokens_tool",
     "merge_checkpoints": "megatron_longctx.methods.merge_tool",
+    "select_long_samples": "megatron_longctx.methods.select_samples_tool",
     "eval_perplexity": "megatron_longctx.eval.perplexity_tool",
     "eval_passkey": "megatron_longctx.eval.passkey_tool",
     "eval_ruler": "megatron_longctx.eval.ruler_tool",
@@ -73,6 +74,7 @@ harpe_bases = _command("harpe_bases")
 longrope_search = _command("longrope_search")
 analyze_impactful_tokens = _command("analyze_impactful_tokens")
 merge_checkpoints = _command("merge_checkpoints")
+select_long_samples = _command("select_long_samples")
 eval_perplexity = _command("eval_perplexity")
 eval_passkey = _command("eval_passkey")
 eval_ruler = _command("eval_ruler")

@@ -72,6 +72,8 @@ def test_rope_config_errors_surface_in_validate():
     ("examples/quickstart.yaml", 1, 1),
     ("examples/llama2_7b_abf_3stage.yaml", 32, 3),
     ("examples/llama2_7b_harpe_128k.yaml", 32, 1),
+    ("examples/llama3_8b_longrecipe_128k.yaml", 8, 2),
+    ("examples/llama3_8b_pose_128k.yaml", 8, 1),
 ])
 def test_example_recipes_validate_for_their_stated_layout(recipe, world, stages):
     configs, _ = parse_stages(["--config", recipe])

@@ -55,8 +55,8 @@ def test_quickstart_smoke_runs_the_whole_job_and_reuses_it(tmp_path):
         assert (rope["rope_type"], seq_length) == (rope_type, length), run
     assert _rope(str(runs / "abf"))[0]["rope_theta"] == 500000.0
     assert _rope(str(runs / "yarn"))[0]["factor"] == 8.0
-    assert len(torch.load(runs / "pi" / "iter_0000003" / "common.pt",
-                          weights_only=False)["args"]["model"]["rope_parameters"]) >= 2
+    assert len(torch.load(runs / "pi" / "iter_0000003" / "common.pt", weights_only=False)
+               ["args"].megatron_longctx["model"]["rope_parameters"]) >= 2
     # a rerun trains and evaluates nothing again
     mtime = (runs / "eval/passkey/results.json").stat().st_mtime
     started = time.monotonic()

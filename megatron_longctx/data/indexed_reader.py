@@ -5,7 +5,7 @@ megatron-core's ``IndexedDataset`` trusts its files: a truncated ``.idx`` fails 
 training step reads past its end. ``check_indexed_dataset`` checks everything the format
 promises (header, sizes, document indices, pointers against lengths, ``.bin`` size) block by
 block, with memory independent of the dataset size, and says which file is wrong and what to
-do about it. The layout is described in ``megatron_longctx.data.indexed_writer``.
+do about it. The layout is described in :mod:`.indexed_format`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_longctx.data.indexed_writer import (
+from megatron_longctx.data.indexed_format import (
     CODE_DTYPES,
     HEADER_BYTES,
     INDEX_HEADER,

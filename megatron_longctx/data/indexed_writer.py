@@ -2,11 +2,7 @@
 
 The output is byte-identical to megatron-core's ``IndexedDatasetBuilder`` for the same
 documents, so ``megatron.core.datasets.indexed_dataset.IndexedDataset`` (and Megatron-LM's
-training) reads it. ``.idx`` layout, little-endian::
-
-    b"MMIDIDX\\x00\\x00" | <Q version=1 | <B dtype code | <Q sequence count n | <Q document count d
-    int32[n] sequence lengths (tokens) | int64[n] byte offsets into .bin | int64[d] document
-    indices (d = documents + 1; document j is sequences [idx[j], idx[j+1]))
+training) reads it; the layout is described in :mod:`.indexed_format`.
 
 Why not megatron-core's builder: it keeps every length in Python lists (~30 bytes per document
 per list) and builds the pointers in a Python loop, so memory grows with the corpus. Here
@@ -17,12 +13,13 @@ Atomic output: everything is written under ``{prefix}.{bin,idx,...}.tmp-{host}-{
 renamed at the very end (old ``.idx`` removed first, then ``.bin``, then ``.idx``), so an
 interrupted run never leaves a ``.bin``/``.idx`` pair that loads, and an existing dataset stays
 intact until its replacement is complete. Temporary files left by a killed run on this host are
-removed when the prefix is next written.
+removed when the prefix is next written. Once published, the dataset gets its check record
+(:mod:`.dataset_check`: the token range seen while writing, the files' fingerprints), so
+training never has to scan a fresh dataset.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import socket
@@ -32,15 +29,18 @@ from types import TracebackType
 
 import numpy as np
 
-INDEX_HEADER = b"MMIDIDX\x00\x00"
-INDEX_VERSION = 1
-HEADER_BYTES = len(INDEX_HEADER) + 8 + 1 + 8 + 8  # = 34
-# megatron.core.datasets.indexed_dataset.DType codes
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3,
-               np.dtype(np.int32): 4, np.dtype(np.int64): 5, np.dtype(np.float64): 6,
-               np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-_TEMP_PARTS = ("bin", "idx", "lengths", "docidx")
+from megatron_longctx.data import dataset_check
+from megatron_longctx.data.indexed_format import (
+    DTYPE_CODES,
+    INDEX_HEADER,
+    INDEX_VERSION,
+    TEMP_PARTS,
+    bin_path,
+    idx_path,
+    temp_files,
+)
+from megatron_longctx.data.indexed_reader import check_indexed_dataset
+
 _BLOCK = 1 << 20  # entries per block when appending another dataset's index (8 MiB of int64)
 _COPY_BUFFER = 1 << 20  # bytes
 
@@ -48,22 +48,6 @@ _COPY_BUFFER = 1 << 20  # bytes
 def optimal_dtype(vocab_size: int | None) -> np.dtype:
     """megatron-core's ``DType.optimal_dtype``: uint16 when every id fits, else int32."""
     return np.dtype(np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32)
-
-
-def bin_path(prefix: str) -> str:
-    return prefix + ".bin"
-
-
-def idx_path(prefix: str) -> str:
-    return prefix + ".idx"
-
-
-def temp_files(prefix: str) -> list[str]:
-    """Temporary files of runs writing ``prefix`` (any host, any pid)."""
-    found = []
-    for part in _TEMP_PARTS:
-        found += glob.glob(f"{glob.escape(prefix)}.{part}.tmp-*")
-    return sorted(found)
 
 
 class OutputInUseError(RuntimeError):
@@ -142,7 +126,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"output directory {directory} does not exist; create it first.")
         remove_stale_temp_files(prefix)
         tag = f"tmp-{socket.gethostname()}-{os.getpid()}"
-        self._tmp = {part: f"{prefix}.{part}.{tag}" for part in _TEMP_PARTS}
+        self._tmp = {part: f"{prefix}.{part}.{tag}" for part in TEMP_PARTS}
         self._bin = open(self._tmp["bin"], "wb")
         self._lengths_file = open(self._tmp["lengths"], "wb")
         self._docidx_file = open(self._tmp["docidx"], "wb")
@@ -152,6 +136,9 @@ class IndexedDatasetWriter:
         self.sequence_count = 0
         self.document_count = 0  # documents, not counting megatron's leading 0 index
         self.token_count = 0
+        # smallest and largest token id written, for the check record (dataset_check): a
+        # fresh dataset is never scanned before training
+        self.token_range: tuple[int, int] | None = None
         self._prepared = False
         self._closed = False
 
@@ -169,6 +156,7 @@ class IndexedDatasetWriter:
                                  f"document's {array.size} tokens.")
             seq = seq.astype(np.int32)
         self._bin.write(array.tobytes())
+        self._note_ids(array)
         self.sequence_count += seq.size
         self.document_count += 1
         self.token_count += array.size
@@ -197,6 +185,7 @@ class IndexedDatasetWriter:
                                  f"the {lengths.size} sequence lengths given.")
             ends = self.sequence_count + np.cumsum(counts)
         self._bin.write(tokens.tobytes() if not tokens.flags.c_contiguous else tokens.data)
+        self._note_ids(tokens)
         self.sequence_count += lengths.size
         self.document_count += ends.size
         self.token_count += tokens.size
@@ -207,8 +196,6 @@ class IndexedDatasetWriter:
 
         ``info``: the result of ``check_indexed_dataset(prefix)`` if the caller already has it.
         """
-        from megatron_longctx.data.indexed_reader import check_indexed_dataset
-
         info = info or check_indexed_dataset(prefix)
         if info.dtype != self.dtype:
             raise ValueError(f"{info.idx_path} stores {info.dtype} tokens but this dataset "
@@ -221,8 +208,10 @@ class IndexedDatasetWriter:
         for start in range(1, docidx.size, _BLOCK):
             block = docidx[start:start + _BLOCK].astype(np.int64) + self.sequence_count
             self._docidx_file.write(block.data)
-        with open(info.bin_path, "rb") as src:
-            shutil.copyfileobj(src, self._bin, _COPY_BUFFER)
+        with open(info.bin_path, "rb") as src:  # copied in blocks, noting the token range
+            while chunk := src.read(_COPY_BUFFER):  # a multiple of every token size
+                self._bin.write(chunk)
+                self._note_ids(np.frombuffer(chunk, dtype=self.dtype))
         self.sequence_count += info.sequence_count
         self.document_count += info.num_documents
         self.token_count += info.num_tokens
@@ -250,8 +239,9 @@ class IndexedDatasetWriter:
         if not self._prepared or self._closed:
             raise RuntimeError(f"writer for {self.prefix}: publish() needs prepare() first.")
         final_bin, final_idx = bin_path(self.prefix), idx_path(self.prefix)
-        # Old .idx goes first: a kill between the renames leaves a .bin without .idx (does not
-        # load), never a new .bin beside an old .idx.
+        # The old check record and .idx go first: a kill between the renames leaves a .bin
+        # without .idx (does not load), never a new .bin beside an old .idx or record.
+        dataset_check.remove_record(self.prefix)
         if os.path.exists(final_idx):
             os.remove(final_idx)
         os.replace(self._tmp["bin"], final_bin)
@@ -260,6 +250,9 @@ class IndexedDatasetWriter:
             os.remove(self._tmp[part])
         _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
         self._closed = True
+        low, high = self.token_range or (None, None)
+        dataset_check.write_record(self.prefix, self.dtype, self.document_count,
+                                   self.sequence_count, self.token_count, low, high)
 
     def abort(self) -> None:
         """Close and delete the temporary files (idempotent)."""
@@ -289,6 +282,13 @@ class IndexedDatasetWriter:
                              f"the dataset dtype {self.dtype} (chosen from the vocabulary "
                              f"size); build the writer with optimal_dtype(true vocab size).")
         return array.astype(self.dtype)
+
+    def _note_ids(self, tokens: np.ndarray) -> None:
+        if tokens.size and self.dtype.kind in "iu":
+            low, high = int(tokens.min()), int(tokens.max())
+            if self.token_range is not None:
+                low, high = min(low, self.token_range[0]), max(high, self.token_range[1])
+            self.token_range = (low, high)
 
     def _push(self, lengths: np.ndarray, ends: np.ndarray) -> None:
         self._lengths.append(lengths)
@@ -351,8 +351,6 @@ def _fsync_dir(directory: str) -> None:
 
 def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> None:
     """Concatenate datasets (documents in the given order) into ``output_prefix``, streaming."""
-    from megatron_longctx.data.indexed_reader import check_indexed_dataset
-
     if not prefixes:
         raise ValueError("nothing to merge: pass at least one input prefix.")
     infos = [check_indexed_dataset(p) for p in prefixes]

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from megatron_longctx.data.input_files import InputFile, import_parquet
+from megatron_longctx.data.side_data import is_side_data
 
 SHARD_RE = re.compile(
     r"^(?P<run>.*)_shard(?P<index>\d{5})_(?P<key>.+)_(?P<level>document|sentence)$")
@@ -222,12 +223,13 @@ def resolve_prefixes(entries: Sequence[str]) -> list[str]:
         if entry.endswith((".bin", ".idx")):
             entry = entry[:-4]
         if os.path.isdir(entry):
-            found = sorted(p[:-4] for p in glob.glob(os.path.join(glob.escape(entry), "*.idx")))
+            found = sorted(p[:-4] for p in glob.glob(os.path.join(glob.escape(entry), "*.idx"))
+                           if not is_side_data(p[:-4]))
             if not found:
                 raise ValueError(f"--input {entry} is a directory without any .idx file.")
             prefixes += found
         elif glob.has_magic(entry):
-            found = sorted(p[:-4] for p in glob.glob(entry + ".idx"))
+            found = sorted(p[:-4] for p in glob.glob(entry + ".idx") if not is_side_data(p[:-4]))
             if not found:
                 raise ValueError(f"--input {entry!r} matches no dataset ({entry}.idx); check the "
                                  f"pattern.")

@@ -1,5 +1,5 @@
 """``tools/longrope_search.py``: LongRoPE's search on one of our checkpoints, in one process or
-under torchrun (TP/PP/CP share each evaluation).
+under torchrun (TP/PP/CP share each evaluation; DP replicas evaluate different individuals).
 
 The objective is the shared perplexity scorer on ``--num-documents`` documents cut to
 ``--target-length``. Every rank runs the same evolution on the same scores (rank 0's, broadcast),
@@ -71,14 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Objective:
-    """Perplexity of the model under an individual's ``rope_parameters``."""
+    """Perplexity of the model under an individual's ``rope_parameters``. With DP > 1 the
+    model replicas evaluate different individuals of a batch in parallel (replica ``r`` takes
+    every ``dp``-th one from ``r``); every rank then ranks rank 0's numbers."""
 
     def __init__(self, model, docs, length: int, parameters):
         self.model, self.docs, self.length, self.parameters = model, docs, length, parameters
+        self.evaluated_here = 0  # individuals this replica evaluated
 
-    def rope_perplexity(self, rope: dict) -> float:
-        import torch.distributed as dist
-
+    def _perplexity(self, rope: dict) -> float:
         from megatron_longctx.eval.scoring import token_nll
 
         self.model.set_rope_parameters(rope)
@@ -86,7 +87,13 @@ class Objective:
         for doc in self.docs:
             nll = token_nll(self.model, doc[None, :self.length].to(self._device()))
             total, count = total + float(nll.double().sum()), count + nll.numel()
-        value = [perplexity(total, count)]
+        return perplexity(total, count)
+
+    def rope_perplexity(self, rope: dict) -> float:
+        """One setting, evaluated by every replica (the baselines)."""
+        import torch.distributed as dist
+
+        value = [self._perplexity(rope)]
         dist.broadcast_object_list(value, src=0)  # every rank ranks rank 0's numbers
         return value[0]
 
@@ -94,7 +101,21 @@ class Objective:
         return next(self.model.parameters()).device
 
     def __call__(self, individuals: list[Individual]) -> list[float]:
-        return [self.rope_perplexity(self.parameters(i)) for i in individuals]
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        dp = parallel_state.get_data_parallel_world_size()
+        replica = parallel_state.get_data_parallel_rank()
+        scores = torch.zeros(len(individuals), dtype=torch.float64)  # [individuals]
+        for i in range(replica, len(individuals), dp):
+            scores[i] = self._perplexity(self.parameters(individuals[i]))
+            self.evaluated_here += 1
+        if dp > 1:  # each score is non-zero on exactly one replica
+            dist.all_reduce(scores, group=parallel_state.get_data_parallel_group())
+        values = scores.tolist()
+        dist.broadcast_object_list(values, src=0)
+        return values
 
 
 def _write_csv(path: str, state: SearchState) -> None:
@@ -227,5 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         _plot(os.path.join(args.out, "search.png"), search.state, yarn, best)
         print(json.dumps({"perplexity": baselines, "start_tokens": best.start_tokens,
                           "evaluated": len(search.state.scores)}))
+    if objective.evaluated_here < search.evaluations:  # DP replicas shared the work
+        print(f"rank {dist.get_rank()} evaluated {objective.evaluated_here} of the "
+              f"{search.evaluations} individuals", flush=True)
     return {"rope_parameters": result, "perplexity": baselines,
             "evaluations": search.evaluations}

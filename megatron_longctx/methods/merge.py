@@ -58,7 +58,7 @@ class MergeInput:
     ckpt: str  # as given
     path: str  # the iter_* directory
     args: dict
-    tensors: dict[str, ShardedTensor]
+    tensors: dict[str, ShardedTensor]  # by current key (``.key``: the key stored under)
     objects: dict[str, ShardedObject]  # by unique key (e.g. TE's _extra_state per layer)
 
     @property
@@ -73,11 +73,13 @@ class MergeInput:
 def open_input(ckpt: str) -> MergeInput:
     """The metadata of checkpoint ``ckpt`` (a save root or an ``iter_*`` directory)."""
     from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
+    from megatron_longctx.training.checkpoint_schema import current_key
 
     path = resolve_checkpoint(ckpt)
     if path is None:
         raise MergeError(f"{ckpt} holds no checkpoint")
-    args = load_common(path).get("args")
+    common = load_common(path)
+    args = common.get("args")
     if not isinstance(args, dict) or "model" not in args:
         raise MergeError(f"{ckpt}: no 'args.model' in its metadata (not written by "
                          f"megatron_longctx); convert it first")
@@ -86,7 +88,8 @@ def open_input(ckpt: str) -> MergeInput:
         if key.startswith(NON_MODEL_PREFIXES):
             continue
         if isinstance(item, ShardedTensor):
-            tensors[key] = item
+            # by today's key (an older schema stores some under others; ``item.key``: where)
+            tensors[current_key(key, common["schema_version"])] = item
         elif isinstance(item, ShardedObject):
             objects[key] = item
     return MergeInput(ckpt, path, args, tensors, objects)
@@ -189,7 +192,7 @@ def _read(item: MergeInput, piece: _Piece, start: int, stop: int) -> torch.Tenso
         shape[0], offset[0] = 1, piece.layer
     shape[piece.row_axis], offset[piece.row_axis] = stop - start, start
     # no regular grid: megatron-core then reads any region (CheckpointableShardedTensor)
-    request = ShardedTensor(piece.key, torch.empty(shape, dtype=meta.dtype), meta.dtype,
+    request = ShardedTensor(meta.key, torch.empty(shape, dtype=meta.dtype), meta.dtype,
                             tuple(shape), tuple(meta.global_shape), tuple(offset),
                             axis_fragmentations=None)
     return dist_checkpointing.load({"piece": request}, item.path,

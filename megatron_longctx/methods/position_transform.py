@@ -17,6 +17,7 @@ sample always gets the same positions.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,16 +56,19 @@ def segment_starts(ends: np.ndarray) -> np.ndarray:
 def longrecipe_positions(ends: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
     """LongRecipe positions ``[L]`` for tokens whose sentence-end flags are ``ends [L]``.
 
-    A head of ``h ~ U[0, L/2]`` tokens stays contiguous; the boundaries are the segment starts
-    after it (the first of them may be where the head ends mid-segment: the next segment start).
+    A head of ``h ~ U[0, min(L/2, b - 1)]`` tokens stays contiguous (``b``: the last segment
+    start, so that one boundary always follows the head); the boundaries are the segment starts
+    after it.
     The ``target - L`` unused positions are cut into one random gap per boundary (uniform over
     compositions), so positions strictly increase and the last one is ``target - 1``.
     """
     length = len(ends)
     _check(length, target)
-    head = int(rng.integers(0, length // 2 + 1))
-    boundaries = segment_starts(ends)
-    boundaries = boundaries[boundaries > max(head, 0)]
+    boundaries = segment_starts(ends)[1:]  # [segments - 1], all > 0
+    # the head stops before the last boundary, so a gap always remains to reach the target
+    longest_head = min(length // 2, int(boundaries[-1]) - 1) if len(boundaries) else length // 2
+    head = int(rng.integers(0, longest_head + 1))
+    boundaries = boundaries[boundaries > head]
     positions = np.arange(length, dtype=np.int64)
     free = target - length
     if len(boundaries) == 0 or free == 0:
@@ -74,6 +78,36 @@ def longrecipe_positions(ends: np.ndarray, target: int, rng: np.random.Generator
     shift = np.zeros(length, dtype=np.int64)
     np.add.at(shift, boundaries, gaps)
     return positions + np.cumsum(shift)
+
+
+def sentence_end_table(tokenizer) -> np.ndarray:
+    """``[vocab]`` bool: token ``i`` alone decodes to text holding a sentence end. Token-level
+    segment ends (the issue's definition), looked up per sample instead of decoding it."""
+    return sentence_end_flags([tokenizer.detokenize([i]) for i in range(tokenizer.vocab_size)])
+
+
+@dataclass(frozen=True, eq=False)
+class PositionTransform:
+    """``--position-transform pose|longrecipe --target-length L'`` for the sample builder:
+    called with a sample's input tokens ``[L]`` and its index, returns positions ``[L]``."""
+
+    kind: str
+    target_length: int
+    seed: int
+    sentence_ends: np.ndarray | None = None  # [vocab] bool, for longrecipe
+
+    def __post_init__(self):
+        if self.kind not in TRANSFORMS[1:]:
+            raise ValueError(f"--position-transform {self.kind!r}: expected one of "
+                             f"{', '.join(TRANSFORMS)}")
+        if self.kind == "longrecipe" and self.sentence_ends is None:
+            raise ValueError("longrecipe needs the tokenizer's sentence-end table")
+
+    def __call__(self, tokens: np.ndarray, sample_index: int) -> np.ndarray:
+        rng = sample_rng(self.seed, sample_index)
+        if self.kind == "pose":
+            return pose_positions(len(tokens), self.target_length, rng)
+        return longrecipe_positions(self.sentence_ends[tokens], self.target_length, rng)
 
 
 def _check(length: int, target: int) -> None:

@@ -23,6 +23,17 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_longctx.model.attention import CoreAttention
 from megatron_longctx.model.norm import RMSNorm
 
+# Checkpoint keys of the two norms, as in megatron-core's local GPT spec
+# (``get_gpt_layer_local_spec``): Transformer Engine's spec fuses each norm into the linear layer
+# after it (``linear_qkv.layer_norm_weight``), and the local spec saves its norms under those
+# names, so local-spec, TE-spec and Megatron-LM checkpoints hold the same keys. Only the sharded
+# (checkpoint) keys change; ``state_dict`` names stay ``input_layernorm.weight``. Checkpoints of
+# ours written before this map (schema 1) load through ``training/checkpoint_schema.py``.
+TE_COMPATIBLE_KEYS_MAP = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
 
 def llama_layer_spec(core_attention: type = CoreAttention) -> ModuleSpec:
     return ModuleSpec(
@@ -48,6 +59,7 @@ def llama_layer_spec(core_attention: type = CoreAttention) -> ModuleSpec:
                                          linear_fc2=RowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(TE_COMPATIBLE_KEYS_MAP),
         ),
     )
 

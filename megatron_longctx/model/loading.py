@@ -1,7 +1,8 @@
 """``load_model``: a checkpoint of ours as a ready-to-run causal LM (eval, LongRoPE search,
 conversion).
 
-The model config comes from the checkpoint itself (``args.model`` in its common state). In a
+The model config comes from the checkpoint itself (``args.model`` in its common state, or the
+``args`` of a Megatron-LM checkpoint; ``training/checkpoint_schema.py``). In a
 plain process the model is built single-process (a one-rank gloo group is started if none
 exists); inside an initialized distributed run it is built at the current (or the given)
 TP/PP/CP layout: megatron-core dist checkpoints reshard on load, so any layout reads any
@@ -70,15 +71,22 @@ def load_model(ckpt_dir: str, parallel: ParallelConfig | None = None,
     """The model of checkpoint ``ckpt_dir`` (a save root: its latest, or iteration ``step``;
     or an ``iter_*`` directory), weights loaded, in eval mode."""
     from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
+    from megatron_longctx.training.checkpoint_files import check_finite, read_errors
+    from megatron_longctx.training.checkpoint_schema import stored_keys
     from megatron_longctx.training.pretrained import check_checkpoint_shapes
 
     path = resolve_checkpoint(ckpt_dir, step)
     if path is None:
         raise FileNotFoundError(f"{ckpt_dir} holds no checkpoint")
-    model_cfg = model_config_from_args(load_common(path).get("args"))
+    common = load_common(path)
+    model_cfg = model_config_from_args(common.get("args"))
     with _rng_untouched():
         gpt = build_model(model_cfg, _layout(parallel, model_cfg))
-    check_checkpoint_shapes(gpt, path)
-    state = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, path)
+    version = common["schema_version"]  # older checkpoints store some tensors under other keys
+    check_checkpoint_shapes(gpt, path, version)
+    with read_errors(path):
+        state = dist_checkpointing.load(
+            {"model": stored_keys(gpt.sharded_state_dict(), version)}, path)
     gpt.load_state_dict(state["model"])
+    check_finite(gpt, path)
     return CausalLM(gpt, model_cfg).eval()

@@ -8,10 +8,12 @@ interrupted save never becomes the checkpoint a resume picks up. Model and optim
 saved as global (unsharded-view) tensors, so a run can resume under another TP/PP/DP layout
 (distributed-optimizer state: see ``_sharded_state``).
 
-Besides the shards, the common part holds Megatron-LM's ``common.pt`` fields (``args``: our
-config, ``iteration``, ``checkpoint_version``, ``opt_param_scheduler``) and megatron-core's
-``content_metadata`` (our schema version and the layout it was written with); RNG states are
-saved per (PP, TP) rank. The data position is a pure function of the iteration.
+Besides the shards, the common part holds Megatron-LM's ``common.pt`` fields (``args``:
+Megatron-LM's names plus our config, ``iteration``, ``checkpoint_version``,
+``opt_param_scheduler``) and megatron-core's ``content_metadata`` (our schema version and the
+layout it was written with); RNG states are saved per (PP, TP) rank. The data position is a pure
+function of the iteration. Schema versions, how older checkpoints and Megatron-LM's load:
+``checkpoint_schema.py``.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_longctx.training.checkpoint_files import check_finite, read_errors, verify_files
+from megatron_longctx.training.checkpoint_schema import (
+    CHECKPOINT_VERSION,
+    SCHEMA,
+    SCHEMA_VERSION,
+    megatron_lm_args,
+    read_common,
+    stored_keys,
+)
 from megatron_longctx.training.faults import maybe_fault
 
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0  # Megatron-LM's current common.pt version
-SCHEMA = "megatron_longctx"
-SCHEMA_VERSION = 1
 
 
 def step_dir(root: str, step: int) -> str:
@@ -109,8 +117,11 @@ def _rng_object(state: dict | None) -> ShardedObject:
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _sharded_state(trainer, is_loading: bool, *, optim: bool = True, rng: bool = True) -> dict:
-    model = trainer.model.sharded_state_dict()
+def _sharded_state(trainer, is_loading: bool, *, optim: bool = True, rng: bool = True,
+                   keys_version: int = SCHEMA_VERSION) -> dict:
+    # keys as the checkpoint (of schema ``keys_version``) stores them; the optimizer's keys are
+    # derived from the model's, so they follow
+    model = stored_keys(trainer.model.sharded_state_dict(), keys_version)
     state = {"model": model}
     if optim:
         kwargs = {}
@@ -155,8 +166,10 @@ def save_checkpoint(trainer, root: str, *, save_optim: bool = True, save_rng: bo
     if hasattr(trainer, "sync_parameters"):  # --overlap-param-gather leaves them stale
         trainer.sync_parameters()
     state = _sharded_state(trainer, is_loading=False, optim=save_optim, rng=save_rng)
-    state.update(args=trainer.cfg.to_dict(), iteration=trainer.step,
-                 checkpoint_version=CHECKPOINT_VERSION)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    state.update(args=megatron_lm_args(trainer.cfg.to_dict(), trainer.step, world,
+                                       save_optim=save_optim, save_rng=save_rng),
+                 iteration=trainer.step, checkpoint_version=CHECKPOINT_VERSION)
     if save_optim:
         state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     metadata = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **_layout(),
@@ -275,8 +288,13 @@ def resolve_checkpoint(root: str, step: int | None = None) -> str | None:
 
 
 def load_common(path: str) -> dict:
-    """The common part of a checkpoint (``args``, ``iteration``, ``opt_param_scheduler``...)."""
-    return dist_checkpointing.load_common_state_dict(path)
+    """The common part of a checkpoint (``args``, ``iteration``, ``opt_param_scheduler``...),
+    after checking its files against its index (every loader reads this first); ``args`` is our
+    config dict and ``schema_version`` is set, whichever version or Megatron-LM wrote it."""
+    verify_files(path)
+    with read_errors(path, os.path.join(path, "common.pt")):
+        common = dist_checkpointing.load_common_state_dict(path)
+    return read_common(common)
 
 
 def _check_resumable(trainer, common: dict, path: str, load_optim: bool) -> None:
@@ -313,9 +331,12 @@ def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bo
         load_rng = False  # saved without, or another (TP, PP) layout: as Megatron-LM, skip
         logger.info("checkpoint RNG state not restored (not saved or layout changed)")
     with torch.no_grad():  # the optimizer copies into views of parameters
-        state = dist_checkpointing.load(
-            _sharded_state(trainer, is_loading=True, optim=load_optim, rng=load_rng), path)
+        with read_errors(path):
+            state = dist_checkpointing.load(
+                _sharded_state(trainer, is_loading=True, optim=load_optim, rng=load_rng,
+                               keys_version=common["schema_version"]), path)
         trainer.model.load_state_dict(state["model"])
+        check_finite(trainer.model, path)
         if load_optim:
             trainer.optimizer.load_state_dict(state["optimizer"])
             if trainer.cfg.parallel.use_distributed_optimizer:

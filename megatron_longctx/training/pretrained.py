@@ -52,12 +52,18 @@ def _padding_rows_differ(key: str, have: tuple, want: tuple, vocab: int | None) 
             and have[1:] == want[1:] and min(have[0], want[0]) >= vocab)
 
 
-def check_checkpoint_shapes(model, path: str) -> None:
+def check_checkpoint_shapes(model, path: str, keys_version: int | None = None) -> None:
     """Raise ``ValueError`` when the checkpoint in ``path`` cannot fill ``model``: a missing
     tensor or a different global shape, naming the flag to change. Vocabulary padding may
-    differ (see ``_padding_rows_differ``)."""
+    differ (see ``_padding_rows_differ``). ``keys_version``: the checkpoint's schema version
+    (default: read from it), which says under which keys it stores the tensors."""
+    from megatron_longctx.training.checkpoint import load_common
+    from megatron_longctx.training.checkpoint_schema import stored_keys
+
+    if keys_version is None:
+        keys_version = load_common(path)["schema_version"]
     saved = dist_checkpointing.load_tensors_metadata(path)
-    wanted = model.sharded_state_dict()
+    wanted = stored_keys(model.sharded_state_dict(), keys_version)
     apply_factories(wanted)  # e.g. the SwiGLU fc1 as the one tensor it is saved as
     items = {v.key: v for v in nested_values(wanted) if isinstance(v, ShardedTensor)}
     vocab = getattr(model, "unpadded_vocab_size", None)
@@ -89,6 +95,39 @@ def check_checkpoint_shapes(model, path: str) -> None:
             + ("\n  ..." if len(problems) > 8 else "")
             + "\nFix the flags above, or pass --use-checkpoint-args to take the model shape from "
               "the checkpoint.")
+
+
+def _shape_differences(saved: dict, model: ModelConfig) -> list[str]:
+    """``--flag saved there, current here`` for each shape setting that differs; a derived value
+    (head dim, KV groups) only when the settings it derives from agree, so a changed
+    ``--hidden-size`` is reported once, as itself."""
+    differ = []
+
+    def compare(name: str, there, here) -> None:
+        if there is not None and there != here:
+            differ.append(f"--{name.replace('_', '-')} {there} there, {here} here")
+
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "add_qkv_bias", "untie_embeddings_and_output_weights"):
+        compare(name, saved.get(name), getattr(model, name))
+    heads = saved.get("num_attention_heads")
+    if heads and heads == model.num_attention_heads:
+        compare("num_query_groups", saved.get("num_query_groups") or heads, model.query_groups)
+        hidden = saved.get("hidden_size")
+        if hidden and hidden == model.hidden_size:
+            compare("kv_channels", saved.get("kv_channels") or hidden // heads, model.head_dim)
+    return differ
+
+
+def check_saved_shape(saved_args: dict, model: ModelConfig, path: str) -> None:
+    """One line naming each shape flag that differs from the checkpoint's stored config,
+    before any data or model work (``check_checkpoint_shapes`` then compares the tensors
+    themselves, also for checkpoints without a stored config)."""
+    differ = _shape_differences(saved_args.get("model") or {}, model)
+    if differ:
+        raise ValueError(f"{path} holds a model of another shape ({'; '.join(differ)}): give "
+                         f"the checkpoint's values, or pass --use-checkpoint-args to take them "
+                         f"from it")
 
 
 def apply_checkpoint_args(cfg: RunConfig, saved_args: dict) -> None:

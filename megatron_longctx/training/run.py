@@ -16,23 +16,21 @@ import yaml
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.blend import resolve_data_sources
-from megatron_longctx.data.long_context_dataset import SampleOptions, build_split_dataset
+from megatron_longctx.data.blended_dataset import build_split_dataset
+from megatron_longctx.data.dataset_check import check_training_data
+from megatron_longctx.data.long_context_dataset import SampleOptions
 from megatron_longctx.data.packing import split_documents
 from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.data.tokenizers import build_tokenizer
+from megatron_longctx.methods.position_transform import PositionTransform, sentence_end_table
 from megatron_longctx.parallel.initialize import (
     destroy,
     distributed_env,
     init_process_group,
     initialize_model_parallel,
 )
-from megatron_longctx.training.checkpoint import (
-    TRACKER,
-    latest_step,
-    load_checkpoint,
-    load_common,
-    resolve_checkpoint,
-)
+from megatron_longctx.training.checkpoint import latest_step, load_checkpoint, load_common
+from megatron_longctx.training.checkpoint_schema import vocabulary_fits
 from megatron_longctx.training.loop import (
     StopSignal,
     agreed_stop,
@@ -43,8 +41,10 @@ from megatron_longctx.training.loop import (
 from megatron_longctx.training.pretrained import (
     apply_checkpoint_args,
     check_checkpoint_shapes,
+    check_saved_shape,
     rope_change,
 )
+from megatron_longctx.training.starting_point import checkpoint_to_load, resumes, start_over
 
 logger = logging.getLogger("megatron_longctx")
 
@@ -59,11 +59,17 @@ def build_datasets(cfg: RunConfig, tokenizer=None):
     cfg.model.vocab_size = tokenizer.vocab_size
     options = SampleOptions(t.seq_length, eod=tokenizer.eod,
                             reset_position_ids=d.reset_position_ids,
-                            eod_mask_loss=d.eod_mask_loss)
+                            eod_mask_loss=d.eod_mask_loss,
+                            position_transform=position_transform(cfg, tokenizer),
+                            pack_short=d.pack_short)
     evaluate = bool(t.eval_interval)
     long_context = evaluate and bool(t.eval_lengths)
     longest = max(t.eval_lengths) if long_context else 0
     sources = resolve_data_sources(d)
+    if sources.kind in ("blend", "per_split"):  # mock and stdlib data hold no files to check
+        blends = [sources.blend] if sources.kind == "blend" else sources.per_split
+        check_training_data([p for b in blends if b for p in b.prefixes], tokenizer.vocab_size,
+                            d.data_cache_path)  # every file, before any sample index or model
     if sources.kind == "stdlib":
         tokens = stdlib_token_stream(tokenizer)
         (a, b), (c, e), _ = split_documents(len(tokens), sources.split)  # token ranges here
@@ -89,6 +95,16 @@ def build_datasets(cfg: RunConfig, tokenizer=None):
     if long_context:
         docs = held_out_documents(sources, longest, t.eval_documents)
     return train, valid, docs
+
+
+def position_transform(cfg: RunConfig, tokenizer) -> PositionTransform | None:
+    """``--position-transform``'s sample function (validation samples get it too: the loss
+    is then measured on positions like the training ones)."""
+    d = cfg.data
+    if d.position_transform == "none":
+        return None
+    ends = sentence_end_table(tokenizer) if d.position_transform == "longrecipe" else None
+    return PositionTransform(d.position_transform, d.target_length, cfg.training.seed, ends)
 
 
 def held_out_documents(sources, min_length: int, count: int) -> list | None:
@@ -131,38 +147,6 @@ def describe(cfg: RunConfig, model, world_size: int) -> dict:
             "memory_peak_at": estimate.peak_phase.name}
 
 
-def _checkpoint_to_load(cfg: RunConfig) -> tuple[str | None, bool]:
-    """The checkpoint directory this run starts from, and whether it is weights only.
-
-    Megatron-LM's semantics: ``--load`` resumes its latest checkpoint (``--ckpt-step``: that
-    iteration; ``--finetune``: weights only); when ``--load`` holds none yet, the weights of
-    ``--pretrained-checkpoint`` start the run, so one command both starts and resumes it.
-    """
-    ck = cfg.checkpoint
-    if ck.finetune and ck.load and ck.save and os.path.realpath(ck.load) == \
-            os.path.realpath(ck.save):
-        raise ValueError("--finetune with --load equal to --save would restart from iteration 0 "
-                         "at every relaunch; use --pretrained-checkpoint BASE --load SAVE --save "
-                         "SAVE, which starts from BASE once and then resumes SAVE")
-    path = resolve_checkpoint(ck.load, ck.ckpt_step) if ck.load else None
-    if path:
-        return path, ck.finetune
-    if ck.pretrained_checkpoint:
-        path = resolve_checkpoint(ck.pretrained_checkpoint)
-        if path is None:
-            raise ValueError(f"--pretrained-checkpoint {ck.pretrained_checkpoint} holds no "
-                             f"checkpoint (no {TRACKER}); give the save directory of a "
-                             f"finished run (or a previous stage) or one of its iter_* "
-                             f"directories")
-    if ck.load:
-        if path is None and ck.exit_on_missing_checkpoint:
-            raise ValueError(f"--load {ck.load} holds no checkpoint and no "
-                             f"--pretrained-checkpoint is given (--exit-on-missing-checkpoint)")
-        logger.warning("--load %s holds no checkpoint yet: starting from %s", ck.load,
-                       path or "random weights")
-    return path, path is not None
-
-
 def _write_run_record(cfg: RunConfig) -> None:
     os.makedirs(cfg.checkpoint.save, exist_ok=True)
     with open(os.path.join(cfg.checkpoint.save, "run.yaml"), "w") as f:
@@ -174,19 +158,21 @@ def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
     """Validate, set up groups, data and model, and load the starting weights: the trainer,
     ready at its first iteration (0, or the resumed one). ``load_weights=False`` (dry runs)
     builds the model without reading any checkpoint."""
-    path, weights_only = _checkpoint_to_load(cfg) if load_weights else (None, False)
+    path, weights_only = checkpoint_to_load(cfg) if load_weights else (None, False)
     saved_args = load_common(path).get("args") or {} if path else {}
     if cfg.checkpoint.use_checkpoint_args:
         if path:
             apply_checkpoint_args(cfg, saved_args)
         elif load_weights:  # as Megatron-LM: nothing to take the arguments from
             logger.warning("--use-checkpoint-args: no checkpoint to read; using the flags")
+    if path:  # one line naming the flag, before any data or model work
+        check_saved_shape(saved_args, cfg.model, path)
     cfg.validate(world_size)  # before any data or model work
     initialize_model_parallel(cfg.parallel, cfg.training.seed)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model,
                                 cfg.data.vocab_size)
     saved_vocab = (saved_args.get("model") or {}).get("vocab_size")
-    if saved_vocab is not None and saved_vocab != tokenizer.vocab_size:
+    if not vocabulary_fits(saved_args, tokenizer.vocab_size):  # Megatron-LM's: padded only
         raise ValueError(f"{path} was trained with a {saved_vocab}-token vocabulary, the "
                          f"tokenizer of this run has {tokenizer.vocab_size}; give the "
                          f"checkpoint's tokenizer (--tokenizer-type/--tokenizer-model)")
@@ -195,6 +181,7 @@ def prepare_stage(cfg: RunConfig, world_size: int, load_weights: bool = True):
 
     trainer = Trainer(cfg, dataset, valid_dataset=valid_dataset)
     trainer.long_documents = long_documents
+    trainer.resumed_from = None if weights_only else path  # --override-save: keep if ours
     if path:
         check_checkpoint_shapes(trainer.model, path)
         change = rope_change(saved_args, cfg.model)
@@ -223,7 +210,10 @@ def run_stage(cfg: RunConfig, world_size: int, stop: StopSignal, started: float,
             logger.info("memory per rank:\n%s", estimate_memory(cfg, world_size).explain())
     if dry_run:
         return "dry_run"
-    if cfg.checkpoint.save and dist.get_rank() == 0:
+    ck = cfg.checkpoint
+    if ck.save and dist.get_rank() == 0:
+        if ck.override_save and not resumes(ck.save, trainer.resumed_from):
+            start_over(ck.save)  # asked for, and only now that the run is ready to train
         _write_run_record(cfg)
     from megatron_longctx.training.flops import num_floating_point_operations, peak_tflops
     from megatron_longctx.training.metrics import MetricsLogger

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.model import build_model
-from megatron_longctx.model.context_parallel import slice_for_cp_rank
 from megatron_longctx.model.sharding import load_full_state_dict
+from megatron_longctx.training.batch_broadcast import StageBatches
 from megatron_longctx.training.batches import GlobalBatchSampler, PrefetchingLoader, collate
 from megatron_longctx.training.faults import maybe_poison_weights
 from megatron_longctx.training.flops import document_lengths
@@ -92,8 +92,11 @@ class Trainer:
         config.no_sync_func = self.ddp.no_sync
         # --dataloader-type: cyclic reshuffles every epoch, single keeps the dataset's order
         self.sampler = self._sampler(dataset, shuffle=cfg.data.dataloader_type == "cyclic")
-        self.loader = (PrefetchingLoader(dataset, self.sampler, cfg.data.num_workers)
-                       if cfg.data.num_workers > 0 else None)
+        # one rank per TP group reads (first and last stages), the others receive
+        self.stage = StageBatches()
+        self.loader = (PrefetchingLoader(dataset, self.sampler, cfg.data.num_workers,
+                                         self.stage.prepare)
+                       if cfg.data.num_workers > 0 and self.stage.reads else None)
         self.valid_dataset = valid_dataset
         self.long_documents = None  # held-out long documents for evaluate_long_context()
         if valid_dataset is not None:  # the same batches at every evaluation
@@ -124,22 +127,23 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
+        # this stage's fields, already this CP rank's slice (batch_broadcast: tokens only in
+        # the first stage, labels/loss_mask/source only in the last)
         batch = next(data_iterator)
-        # the full length, before CP slicing, for RoPE types that depend on it
-        rope_seq_len = int(batch["position_ids"].max()) + 1
-        cp_rank = parallel_state.get_context_parallel_rank()
-        cp_size = parallel_state.get_context_parallel_world_size()
         device = torch.cuda.current_device()  # the CPU on CPU machines (cpu_adapter)
-        local = {k: slice_for_cp_rank(batch[k], cp_rank, cp_size).to(device, non_blocking=True)
-                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        local = {k: batch[k].to(device, non_blocking=True)
+                 for k in ("tokens", "labels", "loss_mask", "position_ids") if k in batch}
         doc_starts = batch.get("doc_starts") if self.cfg.data.reset_attention_mask else None
-        output = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
-                       doc_starts=doc_starts, rope_seq_len=rope_seq_len)
+        output = model(local.get("tokens"), local["position_ids"], None,
+                       labels=local.get("labels"), doc_starts=doc_starts,
+                       rope_seq_len=batch["rope_seq_len"])
+        if "loss_mask" not in local:  # not the last stage: megatron-core computes no loss here
+            return output, None
         buckets = torch.bucketize(local["position_ids"].reshape(-1), self._bucket_bounds,
                                   right=True)
         groups = [buckets]
         if "source" in batch and len(self.group_names) > len(self._bucket_bounds) + 1:
-            source = batch["source"].to(device)[:, None].expand_as(local["tokens"])
+            source = batch["source"].to(device)[:, None].expand_as(local["position_ids"])
             groups.append(source.reshape(-1) + len(self._bucket_bounds) + 1)
         return output, partial(masked_token_loss, local["loss_mask"], torch.stack(groups),
                                len(self.group_names))
@@ -155,10 +159,14 @@ class Trainer:
         t = self.cfg.training
         dataset, sampler = ((self.valid_dataset, self.valid_sampler) if validation
                             else (self.dataset, self.sampler))
-        if self.loader is not None and not validation:
-            micro = self.loader.micro_batches(step)
-        else:
-            micro = [collate(dataset, idx) for idx in sampler.micro_batches(step)]
+
+        def read() -> list[dict]:  # on the reading ranks only
+            if self.loader is not None and not validation:
+                return self.loader.micro_batches(step)
+            return [collate(dataset, idx, self.stage.prepare)
+                    for idx in sampler.micro_batches(step)]
+
+        micro = self.stage.micro_batches(read)
         squares = 0  # sum of document length^2: the attention work with document masks
         if self.cfg.data.reset_attention_mask and not forward_only:
             squares = sum(n * n for batch in micro for lengths in

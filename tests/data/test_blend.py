@@ -17,11 +17,8 @@ from megatron.core.datasets.utils import get_blend_from_list
 from megatron_longctx.arguments import parse_config
 from megatron_longctx.config import DataConfig
 from megatron_longctx.data.blend import blend_from_list, resolve_data_sources
-from megatron_longctx.data.long_context_dataset import (
-    BlendedDataset,
-    SampleOptions,
-    build_split_dataset,
-)
+from megatron_longctx.data.blended_dataset import BlendedDataset, build_split_dataset
+from megatron_longctx.data.long_context_dataset import SampleOptions
 from megatron_longctx.data.tokenizers import NullTokenizer, build_tokenizer
 
 SEQ, SEED = 32, 5

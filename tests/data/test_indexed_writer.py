@@ -153,7 +153,7 @@ def test_finalize_replaces_an_existing_dataset(tmp_path):
             writer.finalize()
     info = check_indexed_dataset(prefix)
     assert info.num_documents == 2 and info.read_document(1).tolist() == [4, 5, 6]
-    assert sorted(os.listdir(tmp_path)) == ["ds.bin", "ds.idx"]
+    assert sorted(os.listdir(tmp_path)) == [".dataset_check", "ds.bin", "ds.idx"]  # + record
 
 
 def test_stale_temp_files_are_removed_and_live_ones_refused(tmp_path):

@@ -7,13 +7,12 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_longctx.data import packing
-from megatron_longctx.data.long_context_dataset import (
+from megatron_longctx.data.blended_dataset import (
     BlendedDataset,
-    PackedDataset,
-    SampleOptions,
     build_blended_dataset,
     parse_upsample,
 )
+from megatron_longctx.data.long_context_dataset import PackedDataset, SampleOptions
 
 EOD = 1
 
@@ -84,14 +83,37 @@ def test_sample_index_is_cached_and_reused(tmp_path):
     write_dataset(prefix, make_docs([50] * 40))
     options = SampleOptions(64, eod=EOD)
     first = PackedDataset(prefix, (0, 40), 20, options, seed=1)
-    cached = list(tmp_path.glob("c_samples_*.npz"))
+    cached = list(tmp_path.glob("c_samples_*"))
     assert len(cached) == 1
-    mtime = cached[0].stat().st_mtime_ns
+    mtime = (cached[0] / "index.npy").stat().st_mtime_ns
     second = PackedDataset(prefix, (0, 40), 20, options, seed=1)
-    assert cached[0].stat().st_mtime_ns == mtime
+    assert (cached[0] / "index.npy").stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(first.index, second.index)
     PackedDataset(prefix, (0, 40), 20, options, seed=2)  # another seed, another index
-    assert len(list(tmp_path.glob("c_samples_*.npz"))) == 2
+    assert len(list(tmp_path.glob("c_samples_*"))) == 2
+
+
+def test_cached_sample_index_is_memory_mapped_with_the_same_samples(tmp_path):
+    """Every rank maps the cached index instead of loading it whole; its samples are those of
+    the index built in memory."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = str(tmp_path / "m")
+    write_dataset(prefix, make_docs([30, 70, 200, 15] * 10))
+    options = SampleOptions(64, eod=EOD, reset_position_ids=True)
+    PackedDataset(prefix, (0, 40), 20, options, seed=4)  # builds the cache
+    cached = PackedDataset(prefix, (0, 40), 20, options, seed=4)  # maps it
+    built = PackedDataset(None, (0, 40), 20, options, seed=4, indexed=IndexedDataset(prefix))
+    for name in ("order", "index", "ordered_lengths"):
+        mapped, fresh = getattr(cached, name), getattr(built, name)
+        assert isinstance(mapped, np.memmap) and mapped.mode == "r", name
+        assert not isinstance(fresh, np.memmap)
+        np.testing.assert_array_equal(mapped, fresh)
+    for i in range(20):
+        a, b = cached[i], built[i]
+        assert a["doc_starts"] == b["doc_starts"]
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(a[key], b[key]), (i, key)
 
 
 def test_blend_proportions_within_2_percent(tmp_path):

@@ -54,7 +54,8 @@ def test_sentencepiece_round_trip(tmp_path, preprocess, corpus_jsonl, corpus_tex
     prefix = f"{out}_text_document"
     assert_round_trip(prefix, corpus_texts, ref.encode, ref.eos_id())
     assert IndexedDataset(prefix).index.dtype == np.uint16  # vocab 400 < 65500
-    assert sorted(os.listdir(tmp_path)) == ["sp_text_document.bin", "sp_text_document.idx"]
+    assert sorted(os.listdir(tmp_path)) == [".dataset_check", "sp_text_document.bin",
+                                            "sp_text_document.idx"]  # + the check record
     summary = capsys.readouterr().out
     lengths = [len(ref.encode(t)) + 1 for t in corpus_texts]
     assert f"documents: {len(corpus_texts):,}" in summary

@@ -178,3 +178,15 @@ def test_search_beats_yarn_and_pi_on_held_out_documents(search_setup, single_pro
         [(r["iteration"], r["factors"], r["start_tokens"]) for r in rows]
     for a, b in zip(rows, tp2):
         assert float(b["perplexity"]) == pytest.approx(float(a["perplexity"]), rel=1e-4)
+    # DP=2: the two replicas evaluate alternate individuals, the search is unchanged
+    out = run_torchrun(TOOL, 2, "--load", str(root / "ckpt"), "--data", str(root / "docs.jsonl"),
+                       *SEARCH, "--out", str(root / "dp2"))
+    with open(root / "dp2" / "individuals.csv") as f:
+        dp2 = list(csv.DictReader(f))
+    assert [(r["iteration"], r["factors"], r["start_tokens"]) for r in dp2] == \
+        [(r["iteration"], r["factors"], r["start_tokens"]) for r in rows]
+    for a, b in zip(rows, dp2):
+        assert float(b["perplexity"]) == pytest.approx(float(a["perplexity"]), rel=1e-4)
+    shares = sorted(int(line.split()[3]) for line in out.splitlines()
+                    if " evaluated " in line and line.startswith("rank"))
+    assert len(shares) == 2 and sum(shares) == len(rows) and shares[1] - shares[0] <= 5

@@ -119,8 +119,9 @@ def test_tp2_pp2_and_tp1_inputs_merge_to_the_same_tensors(methods_models, method
     main(["--load", a2, b, "--weights", "0.25", "0.75", "--save", str(tmp_path / "out_tp2"),
           "--tensor-model-parallel-size", "2"])
     path = os.path.join(tmp_path, "out_tp2", "iter_0000000")
-    common = dist_checkpointing.load_common_state_dict(path)
-    assert common["args"]["parallel"]["tensor_model_parallel_size"] == 2
+    args = dist_checkpointing.load_common_state_dict(path)["args"]  # as Megatron-LM reads it
+    assert args.tensor_model_parallel_size == 2 and args.padded_vocab_size == 512
+    assert args.megatron_longctx["parallel"]["tensor_model_parallel_size"] == 2
     written = open_input(path)
     for key in ("output_layer.weight", "embedding.word_embeddings.weight"):
         assert tuple(written.tensors[key].global_shape) == (512, 64)

@@ -46,6 +46,8 @@ VARIANTS = {
     "harpe_docs": ("harpe", "docs"),
     "dynamic_docs": ("dynamic", "docs"),
     "default_masked_chunks": ("default", "masked_chunks"),
+    # LongRecipe windows: positions span 4x the sequence, whose length dynamic RoPE depends on
+    "dynamic_longrecipe": ("dynamic", "longrecipe"),
 }
 # layout -> (variant, parallel settings, world size)
 LAYOUTS = {
@@ -67,6 +69,8 @@ LAYOUTS = {
     # activation recompute (set on the training config, see `config`)
     "cp2_docs_recompute_selective": ("default_docs", dict(context_parallel_size=2), 2),
     "pp2_recompute_full": ("default", dict(pipeline_model_parallel_size=2), 2),
+    "cp2_longrecipe": ("dynamic_longrecipe", dict(context_parallel_size=2), 2),
+    "pp2_longrecipe": ("dynamic_longrecipe", dict(pipeline_model_parallel_size=2), 2),
 }
 
 
@@ -118,11 +122,34 @@ class _MaskChunks(torch.utils.data.Dataset):
         return sample
 
 
+class _Documents:
+    """In-memory documents with the indexed-dataset interface the sample builders use."""
+
+    def __init__(self, docs: list[np.ndarray]):
+        self.docs = docs
+        self.sequence_lengths = np.array([len(d) for d in docs])
+
+    def get(self, i, offset=0, length=None):
+        return self.docs[i][offset:None if length is None else offset + length]
+
+
 def dataset(cfg: RunConfig, variant: str):
     data = VARIANTS[variant][1]
     options = SampleOptions(SEQ, eod=ByteTokenizer.eod,
                             reset_position_ids=cfg.data.reset_position_ids,
                             eod_mask_loss=cfg.data.eod_mask_loss)
+    if data == "longrecipe":
+        from megatron_longctx.data.document_windows import DocumentWindows
+        from megatron_longctx.methods.position_transform import (
+            PositionTransform,
+            sentence_end_table,
+        )
+
+        docs = [np.frombuffer(t[:1000].encode(), np.uint8).astype(np.int32)
+                for t in stdlib_documents(max_docs=12)]
+        options = SampleOptions(SEQ, eod=ByteTokenizer.eod, position_transform=PositionTransform(
+            "longrecipe", 4 * SEQ, seed=1, sentence_ends=sentence_end_table(ByteTokenizer())))
+        return DocumentWindows("stdlib", _Documents(docs), np.arange(len(docs)), 64, options)
     if data == "docs":
         # short real-text documents (3-40 bytes), several per sample, some crossing CP chunks
         rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path):
 
 def test_starting_point_semantics(tmp_path):
     from megatron_longctx.config import RunConfig, chain_stages
-    from megatron_longctx.training.run import _checkpoint_to_load
+    from megatron_longctx.training.starting_point import checkpoint_to_load
 
     base, run = tmp_path / "base", tmp_path / "run"
     os.makedirs(step_dir(str(base), 7))
@@ -71,18 +71,18 @@ def test_starting_point_semantics(tmp_path):
     cfg.checkpoint.load = cfg.checkpoint.save = str(run)
     cfg.checkpoint.pretrained_checkpoint = str(base)
     cfg.checkpoint.exit_on_missing_checkpoint = True  # the pretrained weights are enough
-    assert _checkpoint_to_load(cfg) == (step_dir(str(base), 7), True)
+    assert checkpoint_to_load(cfg) == (step_dir(str(base), 7), True)
     cfg.checkpoint.pretrained_checkpoint = None
     with pytest.raises(ValueError, match="holds no checkpoint and no --pretrained-checkpoint"):
-        _checkpoint_to_load(cfg)
+        checkpoint_to_load(cfg)
     cfg.checkpoint.exit_on_missing_checkpoint = False
-    assert _checkpoint_to_load(cfg) == (None, False)  # random weights, with a warning
+    assert checkpoint_to_load(cfg) == (None, False)  # random weights, with a warning
     cfg.checkpoint.finetune = True
     with pytest.raises(ValueError, match="restart from iteration 0 at every relaunch"):
-        _checkpoint_to_load(cfg)
+        checkpoint_to_load(cfg)
     cfg.checkpoint.save = str(tmp_path / "elsewhere")
     cfg.checkpoint.load = str(base)
-    assert _checkpoint_to_load(cfg) == (step_dir(str(base), 7), True)  # finetune: weights only
+    assert checkpoint_to_load(cfg) == (step_dir(str(base), 7), True)  # finetune: weights only
     staged = [RunConfig(), RunConfig()]
     for c in staged:
         c.checkpoint.save, c.checkpoint.load = str(run), str(base)

@@ -274,7 +274,8 @@ def test_stage_two_starts_from_stage_one_weights(staged, single_process_group):
     end_of_one = prepare_stage(stage1, world_size=1)  # resumes stage 1's final checkpoint
     assert end_of_one.step == 3
     weights = {n: p.detach().clone() for n, p in end_of_one.model.named_parameters()}
-    stage2.checkpoint.load = str(recipe.parent / "fresh")  # as before stage 2's first run
+    fresh = str(recipe.parent / "fresh")  # as before stage 2's first run
+    stage2.checkpoint.load = stage2.checkpoint.save = fresh
     start_of_two = prepare_stage(stage2, world_size=1)
     assert start_of_two.step == 0 and start_of_two.scheduler.num_steps == 0
     assert start_of_two.optimizer.param_groups[0]["lr"] == 0.0  # warmup from 0
@@ -293,10 +294,10 @@ def test_shape_mismatch_names_the_flag_and_checkpoint_args_fix_it(staged, single
     cfg = load_stages(str(recipe))[0]
     cfg.checkpoint.pretrained_checkpoint = str(root / "run" / "stage_1")
     cfg.model.ffn_hidden_size = 128
-    with pytest.raises(ValueError, match="linear_fc1.*change --hidden-size or --ffn-hidden-size"):
+    with pytest.raises(ValueError, match="--ffn-hidden-size 176 there, 128 here"):
         prepare_stage(cfg, world_size=1)
     cfg.model.num_layers = 4
-    with pytest.raises(ValueError, match="change --num-layers"):
+    with pytest.raises(ValueError, match="--num-layers 2 there, 4 here; --ffn-hidden-size"):
         prepare_stage(cfg, world_size=1)
     cfg.checkpoint.use_checkpoint_args = True
     trainer = prepare_stage(cfg, world_size=1)

@@ -160,11 +160,15 @@ def test_plan_layout_cli(tmp_path, capsys):
         plan_main(["--model", str(recipe), "--gpus", "4", "--gpu-memory", "1", "--stage", "3"])
 
 
-@pytest.mark.parametrize("recipe,stage", [("examples/llama2_7b_harpe_128k.yaml", None),
-                                          ("examples/llama2_7b_abf_3stage.yaml", 3)])
-def test_example_128k_layouts_are_the_planners_first_choice(recipe, stage):
+@pytest.mark.parametrize("recipe,stage,gpus", [
+    ("examples/llama2_7b_harpe_128k.yaml", None, 32),
+    ("examples/llama2_7b_abf_3stage.yaml", 3, 32),
+    ("examples/llama3_8b_longrecipe_128k.yaml", 1, 8),
+    ("examples/llama3_8b_longrecipe_128k.yaml", 2, 8),
+    ("examples/llama3_8b_pose_128k.yaml", None, 8)])
+def test_example_128k_layouts_are_the_planners_first_choice(recipe, stage, gpus):
     """The recipes' comments quote the planner: their layout must stay its first choice on
-    4 nodes x 8 x 80 GiB, fit, and need sequence parallelism."""
+    their nodes of 8 x 80 GiB, fit, and need sequence parallelism."""
     import os
 
     from megatron_longctx.training.planner import load_recipe
@@ -172,7 +176,7 @@ def test_example_128k_layouts_are_the_planners_first_choice(recipe, stage):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cfg = load_recipe(os.path.join(root, recipe), stage)
     p = cfg.parallel
-    best = plan_layouts(cfg, gpus=32, gpu_memory_gib=80, micro_batch_sizes=[1])[0]
+    best = plan_layouts(cfg, gpus=gpus, gpu_memory_gib=80, micro_batch_sizes=[1])[0]
     assert best.fits and p.sequence_parallel
     assert (best.layout.tp, best.layout.pp, best.layout.cp) == (
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size)
