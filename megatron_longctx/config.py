@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-# Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend)
-ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+# Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend), plus
+# flex: our FlexAttention path for every case (model.flex_attention; GPUs, or CPU without grad)
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "flex")
 
 
 @dataclass
@@ -443,25 +444,33 @@ class RunConfig:
                              "; give one of them")
         import torch
 
-        from megatron_longctx.model.gpu_kernels import use_transformer_engine
+        from megatron_longctx.model.gpu_kernels import use_transformer_engine, uses_flex_attention
 
         m, cp = self.model, self.parallel.context_parallel_size
         if m.attention_backend == "local" and m.transformer_impl == "transformer_engine":
             raise ValueError("--attention-backend local is megatron-core's local attention; it "
                              "needs --transformer-impl local (as in Megatron-LM)")
         unfused = m.attention_backend in ("unfused", "local")
-        te = use_transformer_engine(m.transformer_impl) and m.attention_backend != "local"
-        # the flash-based blockwise path: document masks always, CP without Transformer Engine
-        blockwise = not unfused and (self.data.reset_attention_mask or (cp > 1 and not te))
-        if blockwise and m.attention_dropout > 0:
+        te = use_transformer_engine(m.transformer_impl) and m.attention_backend not in (
+            "local", "flex")
+        flex = uses_flex_attention(m.attention_backend, te)
+        if m.attention_backend == "flex" and not torch.cuda.is_available():
+            raise ValueError("--attention-backend flex: torch has no FlexAttention backward on "
+                             "CPU; train with --attention-backend auto (it serves evaluation)")
+        # our document/CP path (blockwise flash, or FlexAttention): document masks always, CP
+        # without Transformer Engine; flex also takes plain causal attention
+        ours = not unfused and (self.data.reset_attention_mask or (cp > 1 and not te) or
+                                m.attention_backend == "flex")
+        if ours and m.attention_dropout > 0:
             raise ValueError(f"--attention-dropout {m.attention_dropout} with "
-                             f"--reset-attention-mask or --context-parallel-size > 1 runs on "
-                             f"flash-based blockwise attention, which has no dropout here; use "
-                             f"--attention-backend unfused (s x s scores) or --attention-dropout 0")
-        if torch.cuda.is_available() and (blockwise or (cp > 1 and not unfused)) and \
-                not self.training.bf16:
+                             f"--reset-attention-mask, --context-parallel-size > 1 or "
+                             f"--attention-backend flex runs on attention kernels without "
+                             f"dropout here; use --attention-backend unfused (s x s scores) or "
+                             f"--attention-dropout 0")
+        if torch.cuda.is_available() and ours and not flex and not self.training.bf16:
             raise ValueError("on GPUs, --reset-attention-mask and --context-parallel-size > 1 "
-                             "run on flash-attention kernels, which need --bf16")
+                             "run on flash-attention kernels, which need --bf16 (or torch's "
+                             "FlexAttention: --attention-backend flex)")
         if self.parallel.distributed_backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("--distributed-backend nccl needs CUDA; use gloo on CPU machines")
         if self.training.optimizer == "sgd" and self.parallel.use_distributed_optimizer:

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
-from megatron_longctx.model.gpu_kernels import transformer_engine_attention
+from megatron_longctx.model.flex_attention import flex_document_attention
+from megatron_longctx.model.gpu_kernels import transformer_engine_attention, uses_flex_attention
 from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.model.unfused_attention import unfused_attention
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
@@ -52,7 +53,8 @@ class CoreAttention(MegatronModule):
     Plain causal attention uses Transformer Engine's attention on GPUs that have it (see
     ``gpu_kernels``), else torch's ``scaled_dot_product_attention`` (flash kernels on CPU and
     GPU). Packed documents and context parallelism (keys/values all-gathered across the CP
-    group) go through :func:`document_causal_attention`, also flash-based. None of these
+    group) go through :func:`document_causal_attention`, also flash-based, or on CUDA without
+    TE (and everywhere with ``--attention-backend flex``) FlexAttention. None of these
     builds an ``s x s`` mask; ``--attention-backend unfused|local`` (without TE) picks the
     explicit-softmax :func:`unfused_attention`, which does.
     """
@@ -66,9 +68,11 @@ class CoreAttention(MegatronModule):
         self.cp_group = pg_collection.cp if pg_collection is not None else None
         # --transformer-impl picks Transformer Engine (set only where it is usable, model.gpt);
         # --attention-backend then picks TE's kernel (megatron-core sets NVTE_*_ATTN), or ours
+        explicit_flex = getattr(config, "flex_attention_backend", False)
         te_attention = (transformer_engine_attention()
                         if config.transformer_impl == "transformer_engine"
-                        and config.attention_backend != AttnBackend.local else None)
+                        and config.attention_backend != AttnBackend.local
+                        and not explicit_flex else None)
         self.te_attention = None if te_attention is None else te_attention(
             config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
             attention_type=attention_type, attention_dropout=attention_dropout,
@@ -81,6 +85,11 @@ class CoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.unfused = self.te_attention is None and config.attention_backend in (
             AttnBackend.unfused, AttnBackend.local)
+        # FlexAttention: everywhere with --attention-backend flex; with auto, for documents
+        # and CP on CUDA without TE (gpu_kernels.uses_flex_attention)
+        self.flex_everywhere = explicit_flex
+        self.flex = explicit_flex or uses_flex_attention(
+            config.attention_backend.name, te_attention is not None)
         self.interleaved = config.rotary_interleaved
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -103,13 +112,15 @@ class CoreAttention(MegatronModule):
             key, value, chunks = self._global_keys(key, value, s)
             return unfused_attention(query, key, value, self.softmax_scale, chunks, doc_starts,
                                      dropout, fork_rng=not self.config.sequence_parallel)
-        if self.config.context_parallel_size > 1 or doc_starts is not None:
+        if self.config.context_parallel_size > 1 or doc_starts is not None or \
+                self.flex_everywhere:
             if dropout > 0.0:
-                raise ValueError("--attention-dropout with document masks or context "
-                                 "parallelism needs --attention-backend unfused")
+                raise ValueError("--attention-dropout with document masks, context "
+                                 "parallelism or FlexAttention needs --attention-backend "
+                                 "unfused")
             key, value, chunks = self._global_keys(key, value, s)
-            return document_causal_attention(query, key, value, self.softmax_scale, chunks,
-                                             doc_starts)
+            attend = flex_document_attention if self.flex else document_causal_attention
+            return attend(query, key, value, self.softmax_scale, chunks, doc_starts)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         # dropout draws from the model-parallel RNG (each TP rank holds other heads), as
         # Megatron-LM's DotProductAttention; with sequence parallelism megatron-core forks
@@ -143,4 +154,5 @@ class CoreAttention(MegatronModule):
         else:
             chunks = [(0, s, cache.offset)]
         key, value = cache.update(self.layer_number, key, value)
-        return document_causal_attention(query, key, value, self.softmax_scale, chunks, None)
+        attend = flex_document_attention if self.flex else document_causal_attention
+        return attend(query, key, value, self.softmax_scale, chunks, None)

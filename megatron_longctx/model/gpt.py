@@ -34,7 +34,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
     fill every one of them."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     granularity = recompute.recompute_granularity if recompute else None
-    return TransformerConfig(
+    config = TransformerConfig(
         recompute_granularity=granularity,
         recompute_method=recompute.recompute_method if granularity == "full" else None,
         recompute_num_layers=recompute.recompute_num_layers if granularity == "full" else None,
@@ -54,7 +54,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         # megatron-core sets Transformer Engine's NVTE_*_ATTN from it; our core attention reads it
-        attention_backend=AttnBackend[model.attention_backend],
+        attention_backend=AttnBackend[megatron_attention_backend(model.attention_backend)],
         # --attention-backend local is megatron-core's local attention: the local spec
         transformer_impl="transformer_engine" if use_transformer_engine(model.transformer_impl)
         and model.attention_backend != "local" else "local",
@@ -78,6 +78,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         persist_layer_norm=False,
         perform_initialization=initialize,
     )
+    # --attention-backend flex is ours (megatron-core's enum has no such value): the core
+    # attention reads it here
+    config.flex_attention_backend = model.attention_backend == "flex"
+    return config
+
+
+def megatron_attention_backend(backend: str) -> str:
+    """megatron-core's ``AttnBackend`` for ours (``flex`` is ours alone: TE picks its own)."""
+    return "auto" if backend == "flex" else backend
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:

@@ -6,6 +6,9 @@ when TE imports and CUDA is present, as in NVIDIA's NGC images. Everything else,
 run, uses torch's flash kernels (``scaled_dot_product_attention`` and the blockwise
 document/context-parallel path), so nothing here is imported or warned about on CPU.
 
+Without Transformer Engine, CUDA runs document-masked and context-parallel attention on torch's
+FlexAttention (:func:`uses_flex_attention`).
+
 Apple's Cut Cross Entropy, when installed, computes the chunked loss's TP=1 bf16 case
 (:mod:`megatron_longctx.model.chunked_loss`).
 """
@@ -64,3 +67,16 @@ def use_transformer_engine(transformer_impl: str | None) -> bool:
             else "not installed")
         _logged_fallback = True
     return usable
+
+
+def uses_flex_attention(attention_backend: str, transformer_engine: bool) -> bool:
+    """Whether document-masked and context-parallel attention (and, with ``flex``, all
+    attention) runs on FlexAttention: ``--attention-backend flex``, or ``auto`` on CUDA
+    without Transformer Engine (where the blockwise flash path would need bf16 and loop over
+    blocks in Python)."""
+    from megatron_longctx.model.flex_attention import flex_attention_available
+
+    if attention_backend == "flex":
+        return True
+    return (attention_backend == "auto" and torch.cuda.is_available() and not transformer_engine
+            and flex_attention_available())
