@@ -7,6 +7,9 @@ on exactly the same global batches, which is what makes layouts comparable and r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -51,8 +54,15 @@ def stack_samples(samples: list[dict]) -> dict:
             else torch.stack([s[k] for s in samples]) for k in samples[0]}
 
 
-def collate(dataset, indices) -> dict:
-    return stack_samples([dataset[int(i)] for i in indices])
+def collate(dataset, indices, prepare: Callable[[dict], dict] | None = None) -> dict:
+    """Samples ``indices`` stacked; ``prepare``: what the rank keeps of them
+    (:meth:`.batch_broadcast.StageBatches.prepare`)."""
+    return _stack_and_prepare(prepare, [dataset[int(i)] for i in indices])
+
+
+def _stack_and_prepare(prepare: Callable[[dict], dict] | None, samples: list[dict]) -> dict:
+    batch = stack_samples(samples)
+    return prepare(batch) if prepare is not None else batch
 
 
 class _StepIndices:
@@ -72,10 +82,13 @@ class _StepIndices:
 class PrefetchingLoader:
     """``--num-workers N``: N worker processes (torch's DataLoader, as Megatron-LM's) read and
     collate the micro-batches of the coming steps while the current step trains. Steps are
-    consumed in order; asking for another step (a resume) restarts the workers there."""
+    consumed in order; asking for another step (a resume) restarts the workers there.
+    ``prepare`` runs in the workers too, so the main process receives only what it keeps."""
 
-    def __init__(self, dataset, sampler: GlobalBatchSampler, num_workers: int):
+    def __init__(self, dataset, sampler: GlobalBatchSampler, num_workers: int,
+                 prepare: Callable[[dict], dict] | None = None):
         self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.prepare = prepare
         self._batches, self._next_step = None, None
 
     def micro_batches(self, step: int) -> list[dict]:
@@ -83,7 +96,8 @@ class PrefetchingLoader:
             self.close()
             self._batches = iter(torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=_StepIndices(self.sampler, step),
-                num_workers=self.num_workers, collate_fn=stack_samples))
+                num_workers=self.num_workers,
+                collate_fn=partial(_stack_and_prepare, self.prepare)))
         count = len(self.sampler.micro_batches(step))
         self._next_step = step + 1
         return [next(self._batches) for _ in range(count)]
