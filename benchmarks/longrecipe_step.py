@@ -64,19 +64,14 @@ def _dataset(kind: str, seq: int, target: int, tmp: str):
 def worker(kind: str, target: int, steps: int, out: str) -> None:
     import time
 
-    from megatron_longctx.config import RunConfig
+    from benchmarks.train_step import run_config
     from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
     from megatron_longctx.training.trainer import Trainer
 
     seq = target if kind == "full" else int(0.3 * target)
-    cfg = RunConfig()
-    cfg.data.data_path = ["stdlib"]
-    m, t = cfg.model, cfg.training
-    m.num_layers, m.hidden_size, m.ffn_hidden_size = 4, 256, 688
-    m.num_attention_heads, m.num_query_groups, m.vocab_size = 8, 2, 32000
-    m.max_position_embeddings = target
-    t.seq_length, t.micro_batch_size, t.global_batch_size = seq, 1, 1
-    t.train_iters, t.lr, t.min_lr = steps + 1, 3e-4, 0.0
+    cfg = run_config(seq, bf16=False, steps=steps)  # train_step.py's model, fp32
+    cfg.model.max_position_embeddings = target
+    t = cfg.training
     init_process_group()
     cfg.validate(1)
     initialize_model_parallel(cfg.parallel, t.seed)

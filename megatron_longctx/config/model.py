@@ -107,6 +107,9 @@ class ParallelConfig:
     # optimizer) the parameter all-gather with the next forward
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Megatron-LM's --grad-reduce-in-bf16: with --bf16, gradients accumulate and reduce in bf16
+    # (half the buffer, less precision); otherwise fp32 as Megatron-LM does for bf16
+    grad_reduce_in_bf16: bool = False
     distributed_backend: str | None = None  # None: nccl with CUDA, gloo without
     distributed_timeout_minutes: int = 10
 

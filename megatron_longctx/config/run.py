@@ -74,6 +74,8 @@ class RunConfig:
                              "FlexAttention: --attention-backend flex)")
         if self.parallel.distributed_backend == "nccl" and not torch.cuda.is_available():
             raise ValueError("--distributed-backend nccl needs CUDA; use gloo on CPU machines")
+        if self.parallel.grad_reduce_in_bf16 and not self.training.bf16:
+            raise ValueError("--grad-reduce-in-bf16 reduces bf16 gradients; it needs --bf16")
         if self.training.optimizer == "sgd" and self.parallel.use_distributed_optimizer:
             raise ValueError("--use-distributed-optimizer supports --optimizer adam only "
                              "(megatron-core); drop one of them")

@@ -6,7 +6,8 @@ stage (``stage_memory``) or the most loaded one (``estimate_memory``):
 * **weights**: this rank's parameters (TP shard of its PP stage's layers; the embedding on the
   first stage, the output layer, or a copy of the tied embedding, on the last) in the model
   dtype;
-* **gradients**: megatron-core DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``);
+* **gradients**: megatron-core DDP's gradient buffer, fp32 (``grad_reduce_in_fp32``; bf16
+  with ``--grad-reduce-in-bf16``);
 * **optimizer**: Adam moments (8 bytes) or SGD momentum (4) plus, with bf16, fp32 main weights
   (4); the distributed optimizer shards them over DP x CP;
 * **activations**: the tensors autograd saves for backward, per micro-batch in flight (1F1B
@@ -160,9 +161,10 @@ def stage_memory(cfg: RunConfig, world_size: int, stage: int) -> MemoryEstimate:
     params = stage_parameters(m, p, stage)
     shard = p.data_parallel_size(world_size) * cp if p.use_distributed_optimizer else 1
     opt_per_param = _optimizer_bytes_per_parameter(t)
+    grad_bytes = 2 if t.bf16 and p.grad_reduce_in_bf16 else 4  # megatron-core DDP's buffer
     terms = [
         Term("weights", params * s.e, f"{params:,} parameters x {s.e} B"),
-        Term("gradients", params * 4, f"{params:,} x 4 B (fp32 grad buffer)"),
+        Term("gradients", params * grad_bytes, f"{params:,} x {grad_bytes} B (grad buffer)"),
         Term("optimizer", params * opt_per_param / shard,
              f"{params:,} x {opt_per_param} B" + (f" / {shard} (distributed over DP x CP)"
                                                   if shard > 1 else "")),

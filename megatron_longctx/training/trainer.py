@@ -69,7 +69,7 @@ class Trainer:
         self.ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
+                grad_reduce_in_fp32=not (t.bf16 and p.grad_reduce_in_bf16),
                 overlap_grad_reduce=p.overlap_grad_reduce,
                 overlap_param_gather=p.overlap_param_gather,
                 use_distributed_optimizer=p.use_distributed_optimizer,
