@@ -22,10 +22,7 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -49,8 +46,6 @@ def run_config(seq: int, bf16: bool, steps: int):
 
 
 def worker(impl: str, seq: int, dtype: str, steps: int, out: str) -> None:
-    import torch
-
     from benchmarks.common import best_of
     from megatron_longctx.convert.hf_config import hf_config
     from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
@@ -82,31 +77,17 @@ def worker(impl: str, seq: int, dtype: str, steps: int, out: str) -> None:
     else:
         from transformers import LlamaForCausalLM
 
+        from benchmarks.common import hf_train_step
+
         model = LlamaForCausalLM._from_config(hf_config(cfg.model), attn_implementation="sdpa")
         assert model.config._attn_implementation == "sdpa"
         model.load_state_dict(to_hf(state, cfg.model))
         model.train()
-        decay = [p for p in model.parameters() if p.ndim > 1]  # as megatron-core: no decay on
-        rest = [p for p in model.parameters() if p.ndim <= 1]  # norms (and biases)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay},
-             {"params": rest, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         sampler = GlobalBatchSampler(len(dataset), t.global_batch_size, t.micro_batch_size,
                                      dp_rank=0, dp_size=1, seed=t.seed, shuffle=True)
         counter = iter(range(10**9))
-
-        def step() -> float:
-            batch = collate(dataset, sampler.micro_batches(next(counter))[0])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
-                # shift_labels: our labels are already the next tokens (all s positions count)
-                loss = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                             labels=batch["labels"], shift_labels=batch["labels"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return float(loss)
+        step = hf_train_step(
+            model, t, lambda: collate(dataset, sampler.micro_batches(next(counter))[0]))
     del state
 
     losses = []
@@ -118,27 +99,10 @@ def worker(impl: str, seq: int, dtype: str, steps: int, out: str) -> None:
 
 
 def launch(impl: str, seq: int, dtype: str, steps: int, timeout: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, __file__, "--worker", impl, str(seq), dtype, str(steps), out]
-        env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": ROOT}
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
-        with open(out) as f:
-            result = json.load(f)
-        result["wall_s"] = time.perf_counter() - start
-        return result
+    from benchmarks.common import launch_worker
 
-
-def _goal(value: float, goal: float, at_least: bool) -> str:
-    met = value >= goal if at_least else value <= goal
-    return f"{value:.2f} (goal {'>=' if at_least else '<='} {goal}: {'met' if met else 'NOT met'})"
+    return launch_worker(__file__, [impl, str(seq), dtype, str(steps)], timeout,
+                         env={"OMP_NUM_THREADS": "2"})
 
 
 def main() -> None:
@@ -158,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from benchmarks.common import write_markdown
+    from benchmarks.common import goal, write_markdown
     from megatron_longctx.training.flops import (
         measure_matmul_peak_tflops,
         num_floating_point_operations,
@@ -214,13 +178,13 @@ def main() -> None:
             ours, hf = results[seq, dtype, "ours"], results[seq, dtype, "transformers"]
             if "error" not in ours and "error" not in hf:
                 rows.append([seq, dtype, "ours / transformers",
-                             _goal(ours["tokens_s"] / hf["tokens_s"], 1.25, True),
-                             _goal(ours["peak_rss_gib"] / hf["peak_rss_gib"], 0.6, False),
+                             goal(ours["tokens_s"] / hf["tokens_s"], 1.25, True),
+                             goal(ours["peak_rss_gib"] / hf["peak_rss_gib"], 0.6, False),
                              f"{ours['mfu'] / hf['mfu']:.2f}", "", ""])
         fp32, bf16 = results.get((seq, "fp32", "ours"), {}), results.get((seq, "bf16", "ours"), {})
         if "tokens_s" in fp32 and "tokens_s" in bf16:
             rows.append([seq, "bf16 / fp32", "ours",
-                         _goal(bf16["tokens_s"] / fp32["tokens_s"], 1.5, True),
+                         goal(bf16["tokens_s"] / fp32["tokens_s"], 1.5, True),
                          f"{bf16['peak_rss_gib'] / fp32['peak_rss_gib']:.2f}", "", "", ""])
     if "fp32" in peaks and "bf16" in peaks:
         rows.append(["-", "bf16 / fp32", "matmul peak",

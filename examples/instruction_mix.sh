@@ -5,8 +5,8 @@
 # Instruction records are chat JSONL, {"messages": [{"role": "user", "content": ...},
 # {"role": "assistant", "content": ...}, ...]} or {"prompt": ..., "response": ...}; they are
 # rendered with the tokenizer's own chat template (--chat-template auto, exactly as
-# transformers' apply_chat_template renders them) and trained on as ordinary documents.
-# (Masking the prompt tokens out of the loss is not done yet: every token counts.)
+# transformers' apply_chat_template renders them); --mask-prompt-loss keeps the system/user
+# turns and role markers out of the loss (a mask beside the dataset, applied by training).
 #
 #   GENERAL='corpus/web/*.jsonl.zst' DOMAIN='corpus/code/*.jsonl.zst' \
 #   INSTRUCT='corpus/sft/*.jsonl' TOKENIZER=tok/llama2 \
@@ -29,7 +29,7 @@ mkdir -p "$OUT"
 [[ -f "$OUT/general_text_document.idx" ]] || preprocess --input "$GENERAL" --output-prefix "$OUT/general"
 [[ -f "$OUT/domain_text_document.idx" ]] || preprocess --input "$DOMAIN" --output-prefix "$OUT/domain"
 [[ -f "$OUT/instruct_messages_document.idx" ]] || preprocess --input "$INSTRUCT" \
-    --json-keys messages --chat-template auto --output-prefix "$OUT/instruct"
+    --json-keys messages --chat-template auto --mask-prompt-loss --output-prefix "$OUT/instruct"
 
 read -r w_general w_domain w_instruct <<< "$WEIGHTS"
 exec longctx-pretrain "${tokenizer[@]}" --data-path \

@@ -5,7 +5,8 @@
 #             tokenizer; Megatron .bin/.idx datasets
 #   2. base   a tiny Llama pretrained at 256 tokens, original RoPE (examples/quickstart.yaml)
 #   3. extend 8x to 2048 tokens from the base, same data and token budget for every run:
-#             control (more training at 256, original RoPE), ABF, PI, YaRN, HARPE
+#             control (more training at 256, original RoPE), ABF, PI, YaRN, HARPE, and PoSE
+#             (YaRN trained on 256-token windows whose positions span 2048)
 #   4. eval   perplexity by context length on the held-out packages, passkey retrieval
 #   5. report runs/quickstart/report.md: tables, plots and a reading of the numbers
 # A rerun reuses every finished step (delete data/quickstart or runs/quickstart to redo).
@@ -70,7 +71,7 @@ train() {  # train RUN FLAGS...: one run of the recipe, skipped once finished
 step "2/5 base model at 256 tokens"
 train base --train-iters "$base_iters" "${warmup[@]}" "$@"
 
-step "3/5 extend 8x: 256 -> 2048 tokens (control, ABF, PI, YaRN, HARPE)"
+step "3/5 extend 8x: 256 -> 2048 tokens (control, ABF, PI, YaRN, HARPE, PoSE)"
 # every run: the base's weights, a fresh optimizer, 8192 tokens per step, the same steps
 from_base=(--pretrained-checkpoint "$runs/base" --train-iters "$extend_iters" --lr 1e-3
            --min-lr 1e-4 --lr-warmup-iters 2 --eval-interval 1000)
@@ -84,8 +85,14 @@ train yarn "${from_base[@]}" "${long[@]}" --rope-type yarn --rope-factor 8 \
 # HARPE: one base per KV group, peak/valley-complementary, spanning [original, ABF base]
 train harpe "${from_base[@]}" "${long[@]}" --rope-type harpe --harpe-scheme peak_valley \
   --harpe-base-min 10000 --harpe-base-max 500000 --harpe-stride 10000 "$@"
+# PoSE: YaRN's RoPE, trained at 256 tokens (single-document windows) with position ids
+# spread over 2048: the data method, at the cost of the control run
+train pose "${from_base[@]}" --rope-type yarn --rope-factor 8 \
+  --original-max-position-embeddings 256 --max-position-embeddings 2048 \
+  --position-transform pose --target-length 2048 "$@"
 
-runs_list=("$runs/base" "$runs/control" "$runs/abf" "$runs/pi" "$runs/yarn" "$runs/harpe")
+runs_list=("$runs/base" "$runs/control" "$runs/abf" "$runs/pi" "$runs/yarn" "$runs/harpe"
+           "$runs/pose")
 current() {  # current RESULTS: evaluated after every run last finished
   local run
   for run in "${runs_list[@]}"; do [[ $1 -nt $run/exit_reason ]] || return 1; done

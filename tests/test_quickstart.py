@@ -1,4 +1,4 @@
-"""``./examples/quickstart.sh --smoke``: the whole job (data, base, five 8x extension runs,
+"""``./examples/quickstart.sh --smoke``: the whole job (data, base, six 8x extension runs,
 perplexity and passkey evaluation, report) end to end, then a rerun that reuses every step."""
 
 import json
@@ -10,7 +10,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = ["base", "control", "abf", "pi", "yarn", "harpe"]
+RUNS = ["base", "control", "abf", "pi", "yarn", "harpe", "pose"]
 
 
 def _quickstart(out):
@@ -48,13 +48,17 @@ def test_quickstart_smoke_runs_the_whole_job_and_reuses_it(tmp_path):
     # each run trained what the recipe says, from the base's weights
     expected = {"base": ("default", 256), "control": ("default", 256),
                 "abf": ("default", 2048), "pi": ("linear", 2048), "yarn": ("yarn", 2048),
-                "harpe": ("harpe", 2048)}
+                "harpe": ("harpe", 2048), "pose": ("yarn", 256)}
     for run, (rope_type, length) in expected.items():
         assert (runs / run / "exit_reason").read_text().strip() == "finished"
         rope, seq_length = _rope(str(runs / run))
         assert (rope["rope_type"], seq_length) == (rope_type, length), run
     assert _rope(str(runs / "abf"))[0]["rope_theta"] == 500000.0
     assert _rope(str(runs / "yarn"))[0]["factor"] == 8.0
+    from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
+
+    pose = load_common(resolve_checkpoint(str(runs / "pose")))["args"]["data"]
+    assert (pose["position_transform"], pose["target_length"]) == ("pose", 2048)
     assert len(torch.load(runs / "pi" / "iter_0000003" / "common.pt", weights_only=False)
                ["args"].megatron_longctx["model"]["rope_parameters"]) >= 2
     # a rerun trains and evaluates nothing again

@@ -13,7 +13,8 @@ variables), then tokenized like any document:
 * ``--chat-template FILE``: a Jinja template file.
 
 The template's text (including any ``{{ bos_token }}``) is tokenized with special tokens
-recognised, as ``apply_chat_template(tokenize=True)`` does.
+recognised, as ``apply_chat_template(tokenize=True)`` does. ``--mask-prompt-loss`` also records
+which tokens are the assistant's replies (``chat_loss_mask``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+# {% generation %} marks a reply's text (content and newline) for --mask-prompt-loss
+# (chat_loss_mask) without changing what is rendered; it spares rendering every prefix
 PLAIN_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n"
-                  "{{ message['content'] }}\n{% endfor %}")
+                  "{% if message['role'] == 'assistant' %}{% generation %}"
+                  "{{ message['content'] }}\n{% endgeneration %}"
+                  "{% else %}{{ message['content'] }}\n{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def resolve_chat_template(option: str, tokenizer) -> tuple[str, dict[str, str]]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from megatron_longctx.data.long_context_dataset import PackedDataset, SampleOptions, build_sample
-from megatron_longctx.data.side_data import SideData
+from megatron_longctx.data.side_data import SideData, open_side_data
 
 
 def window_counts(lengths: np.ndarray, seq_length: int) -> np.ndarray:
@@ -27,7 +27,8 @@ class DocumentWindows(torch.utils.data.Dataset):
     """``num_samples`` transformed windows of the long documents among ``documents``."""
 
     def __init__(self, name: str, indexed, documents: np.ndarray, num_samples: int,
-                 options: SampleOptions):
+                 options: SampleOptions, loss_masks=None):
+        """``loss_masks``: side data ``loss_mask`` of the documents (``--mask-prompt-loss``)."""
         s = options.seq_length
         lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)[documents]
         counts = window_counts(lengths, s)
@@ -39,6 +40,7 @@ class DocumentWindows(torch.utils.data.Dataset):
                              f"needs (--position-transform uses single documents); lower "
                              f"--seq-length or give longer documents")
         self.indexed, self.options, self.num_samples = indexed, options, num_samples
+        self.loss_masks = loss_masks
 
     def __len__(self) -> int:
         return self.num_samples
@@ -50,7 +52,11 @@ class DocumentWindows(torch.utils.data.Dataset):
         tokens = self.indexed.get(int(self.documents[doc]), offset=offset, length=s + 1)
         tokens = tokens.astype(np.int64)  # [s + 1]
         positions = self.options.position_transform(tokens[:-1], int(i))
-        return build_sample(tokens, np.zeros(1, dtype=np.int64), self.options, positions)
+        document, trained = int(self.documents[doc]), None
+        if self.loss_masks is not None:
+            trained = self.loss_masks.get(document, offset=offset, length=s + 1)  # [s + 1]
+        return build_sample(tokens, np.zeros(1, dtype=np.int64), self.options, positions,
+                            trained)
 
 
 class RecordedSamples(torch.utils.data.Dataset):
@@ -114,7 +120,8 @@ def transformed_source(name: str, prefix: str | None, indexed, doc_range: tuple[
     """One source's samples under ``options.position_transform`` (``upsample`` and
     ``cache_dir``: of the short documents' packing)."""
     documents = np.arange(*doc_range, dtype=np.int64)
-    windows = DocumentWindows(name, indexed, documents, num_samples, options)
+    masks = None if prefix is None else open_side_data(prefix, "loss_mask", indexed)
+    windows = DocumentWindows(name, indexed, documents, num_samples, options, masks)
     if not options.pack_short:
         return windows
     per_epoch = short_samples_per_epoch(indexed, doc_range, options.seq_length)

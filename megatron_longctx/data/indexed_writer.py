@@ -359,7 +359,32 @@ def merge_datasets(prefixes: Sequence[str], output_prefix: str) -> None:
         listing = ", ".join(f"{i.prefix} ({i.dtype})" for i in infos)
         raise ValueError(f"cannot merge datasets with different token dtypes: {listing}; "
                          f"they come from tokenizers of different vocabulary sizes.")
-    with IndexedDatasetWriter(output_prefix, infos[0].dtype) as writer:
+    # side data (prompt loss masks, recorded positions) are merged along, when every input has
+    # them: a merge of some inputs with and some without would misalign them
+    from contextlib import ExitStack
+
+    from megatron_longctx.data.side_data import (
+        SIDE_DTYPES,
+        has_side_data,
+        publish_with_side_data,
+        side_prefix,
+        side_writer,
+    )
+
+    kinds = []
+    for name in SIDE_DTYPES:
+        have = [has_side_data(p, name) for p in prefixes]
+        if any(have) and not all(have):
+            raise ValueError(f"cannot merge datasets with and without {name} side data "
+                             f"({prefixes[have.index(True)]} has it, "
+                             f"{prefixes[have.index(False)]} has not); preprocess them all "
+                             f"the same way (e.g. all with --mask-prompt-loss).")
+        if all(have):
+            kinds.append(name)
+    with IndexedDatasetWriter(output_prefix, infos[0].dtype) as writer, ExitStack() as stack:
+        sides = {name: stack.enter_context(side_writer(output_prefix, name)) for name in kinds}
         for info in infos:
             writer.add_index(info.prefix, info)
-        writer.finalize()
+            for name, side in sides.items():
+                side.add_index(side_prefix(info.prefix, name))
+        publish_with_side_data({"": writer}, {name: {"": side} for name, side in sides.items()})

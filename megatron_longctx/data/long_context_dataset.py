@@ -28,6 +28,7 @@ from megatron_longctx.data.shard_concat import (
     expand_entry,
     names_several,
 )
+from megatron_longctx.data.side_data import open_side_data
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,17 @@ class SampleOptions:
 
 def open_indexed(prefix: str):
     """megatron-core's reader, after our full validation (once per dataset, then kept in its
-    check record: ``dataset_check``), whose errors name the file and the fix."""
+    check record: ``dataset_check``), whose errors name the file and the fix. A dataset of
+    several sequences per document (``--split-sentences``) is read as whole documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_longctx.data.whole_documents import WholeDocuments
 
     if names_several(prefix):  # a directory or glob: its shards as one dataset
         return ConcatenatedDataset(prefix, [open_indexed(p) for p in expand_entry(prefix)])
     info = validated_dataset_info(prefix)
     if info.num_sequences != info.num_documents:
-        # packing, --split and document masks work on documents; Megatron-LM's
-        # --split-sentences datasets hold several sequences per document
-        raise ValueError(f"{prefix}: {info.num_sequences} sequences in {info.num_documents} "
-                         f"documents; only one sequence per document is supported (preprocess "
-                         f"without --split-sentences)")
+        return WholeDocuments(IndexedDataset(prefix))
     return IndexedDataset(prefix)
 
 
@@ -71,6 +71,9 @@ class PackedDataset(torch.utils.data.Dataset):
         self.indexed = indexed if indexed is not None else open_indexed(prefix)
         # the .idx's memory map as it is (no per-rank int64 copy of every document's length)
         self.lengths = np.asarray(self.indexed.sequence_lengths)
+        # --mask-prompt-loss data: which tokens are trained on (side data beside the dataset)
+        self.loss_masks = None if prefix is None else \
+            open_side_data(prefix, "loss_mask", self.indexed)
         documents = np.arange(*doc_range, dtype=np.int64)
         if shorter_than is not None:
             documents = documents[self.lengths[documents] < shorter_than]
@@ -106,15 +109,18 @@ class PackedDataset(torch.utils.data.Dataset):
                                           self.options.seq_length)
         tokens = np.concatenate([self.indexed.get(d, offset=o, length=n) for d, o, n in pieces])
         starts = np.cumsum([0] + [n for _, _, n in pieces[:-1]])  # document starts in sample
-        return build_sample(tokens.astype(np.int64), starts, self.options)
+        trained = None if self.loss_masks is None else np.concatenate(
+            [self.loss_masks.get(d, offset=o, length=n) for d, o, n in pieces])  # [s + 1]
+        return build_sample(tokens.astype(np.int64), starts, self.options, trained=trained)
 
 
 def build_sample(tokens: np.ndarray, doc_starts: np.ndarray, options: SampleOptions,
-                 positions: np.ndarray | None = None) -> dict:
+                 positions: np.ndarray | None = None, trained: np.ndarray | None = None) -> dict:
     """Inputs, labels, loss mask, position ids and document starts of one packed sample.
 
     tokens: ``[s + 1]``; doc_starts: starts of the documents within it (first is 0);
-    positions: ``[s]`` given position ids (a transformed or recorded sample).
+    positions: ``[s]`` given position ids (a transformed or recorded sample); trained:
+    ``[s + 1]`` 0 for tokens not to learn (side data ``loss_mask``: prompt tokens).
     """
     s = options.seq_length
     inputs, labels = torch.from_numpy(tokens[:-1]), torch.from_numpy(tokens[1:])
@@ -122,6 +128,8 @@ def build_sample(tokens: np.ndarray, doc_starts: np.ndarray, options: SampleOpti
     loss_mask = torch.ones(s, dtype=torch.float32)
     if options.eod_mask_loss:
         loss_mask[inputs == options.eod] = 0.0  # do not predict across a document end
+    if trained is not None:  # a label's mask is its token's: tokens[1:]
+        loss_mask *= torch.from_numpy(np.asarray(trained[1:], dtype=np.float32))
     if positions is not None:
         position_ids = torch.from_numpy(np.asarray(positions, dtype=np.int64))
     elif options.reset_position_ids:

@@ -59,6 +59,12 @@ from megatron_longctx.data.shards import (
     split_inputs,
     summary_path,
 )
+from megatron_longctx.data.side_data import (
+    has_side_data,
+    publish_with_side_data,
+    side_prefix,
+    side_writer,
+)
 from megatron_longctx.data.tokenize_pipeline import (
     EncodeOptions,
     EncodeResult,
@@ -98,6 +104,7 @@ class PreprocessConfig:
     lang: str = "english"
     # instruction/chat data: values are conversations rendered with this template
     chat_template: str | None = None  # "auto" | "plain" | a Jinja file
+    mask_prompt_loss: bool = False  # side data loss_mask: only assistant replies are trained
     # parallel parts: on this node (partitions) and across nodes (shards)
     partitions: int = 1
     keep_sequential_samples: bool = False  # accepted; the input order is always kept
@@ -139,6 +146,8 @@ class PreprocessSummary:
                   f"{tokens / secs:,.0f} tokens/s, {self.input_bytes / 1e6 / secs:,.2f} MB/s)"]
         for key, prefix in self.outputs.items():
             lines += ["", f"[{key}] {prefix}.bin / {prefix}.idx", self.stats[key].format()]
+            if has_side_data(prefix, "loss_mask"):
+                lines.insert(-1, f"prompt loss mask: {side_prefix(prefix, 'loss_mask')}.bin/.idx")
         lines += ["", self.skips.format()]
         return "\n".join(lines)
 
@@ -163,6 +172,12 @@ def validate(cfg: PreprocessConfig, env: Mapping[str, str] = os.environ
         raise ValueError(f"--json-keys must name distinct keys, got {cfg.json_keys}.")
     if cfg.keep_newlines and not cfg.split_sentences:
         raise ValueError("--keep-newlines only applies with --split-sentences.")
+    if cfg.mask_prompt_loss and cfg.chat_template is None:
+        raise ValueError("--mask-prompt-loss needs --chat-template: it masks the prompt turns "
+                         "of conversations.")
+    if cfg.mask_prompt_loss and cfg.split_sentences:
+        raise ValueError("--mask-prompt-loss and --split-sentences do not go together: a "
+                         "conversation is not prose to split into sentences.")
     shard = resolve_shard(cfg.num_shards, cfg.shard_index, env)
     files = expand_inputs(cfg.inputs)
     check_inputs(files, cfg.json_keys)
@@ -221,7 +236,8 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
     files, tokenizer, shard = validate(cfg, env)
     options = EncodeOptions(cfg.tokenizer_spec(), tuple(cfg.json_keys), cfg.append_eod,
                             optimal_dtype(tokenizer.vocab_size).str, cfg.split_sentences,
-                            cfg.lang, cfg.keep_newlines, *_chat_template(cfg, tokenizer))
+                            cfg.lang, cfg.keep_newlines, *_chat_template(cfg, tokenizer),
+                            cfg.mask_prompt_loss)
     if shard is None:
         portion, prefix, desc, note = files, cfg.output_prefix, "preprocess", ""
     else:
@@ -281,7 +297,7 @@ def _settings(cfg: PreprocessConfig, files: Sequence[InputFile], num_shards: int
             "keys": cfg.json_keys, "append_eod": cfg.append_eod, "tokenizer": repr(spec),
             "tokenizer_files": [[p, _size(p)] for p in model_files],
             "sentences": [cfg.split_sentences, cfg.lang, cfg.keep_newlines],
-            "chat_template": chat_template}
+            "chat_template": chat_template, "mask_prompt_loss": cfg.mask_prompt_loss}
 
 
 def _size(path: str) -> int:
@@ -364,17 +380,18 @@ def _run_partitions(cfg: PreprocessConfig, options: EncodeOptions, portion: list
             return total, skips
         writers = {k: IndexedDatasetWriter(p, np.dtype(options.dtype))
                    for k, p in outputs.items()}
+        masks = {k: side_writer(p, "loss_mask") for k, p in outputs.items()} \
+            if options.mask_prompt_loss else {}
         try:
             for (_, _, part_outputs, *_), part in zip(jobs, results):
                 if part.published:
                     for key, writer in writers.items():
                         writer.add_index(part_outputs[key])
-            for writer in writers.values():
-                writer.prepare()
-            for writer in writers.values():
-                writer.publish()
+                        if masks:
+                            masks[key].add_index(side_prefix(part_outputs[key], "loss_mask"))
+            publish_with_side_data(writers, {"loss_mask": masks} if masks else {})
         finally:
-            for writer in writers.values():
+            for writer in [*writers.values(), *masks.values()]:
                 writer.abort()
         total.published = True
         return total, skips

@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
                        help="values are conversations (lists of role/content messages, or "
                             "prompt/response keys) rendered with the tokenizer's chat template "
                             "(auto), the plain one (plain) or a Jinja file")
+    group.add_argument("--mask-prompt-loss", action="store_true",
+                       help="with --chat-template: train only on the assistant replies; the "
+                            "loss mask (0 for system/user turns and role markers) is written "
+                            "beside the dataset ({prefix}.side_loss_mask.bin/.idx) and training "
+                            "applies it")
     group.add_argument("--strict", action="store_true",
                        help="stop at the first malformed record instead of skipping it")
     group = parser.add_argument_group("tokenizer")
@@ -106,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
         legacy_tokenizer=args.legacy_tokenizer,
         hf_include_special_tokens=args.tokenizer_hf_include_special_tokens,
         split_sentences=args.split_sentences, keep_newlines=args.keep_newlines, lang=args.lang,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, mask_prompt_loss=args.mask_prompt_loss,
         partitions=args.partitions, keep_sequential_samples=args.keep_sequential_samples,
         num_shards=args.num_shards, shard_index=args.shard_index)
 

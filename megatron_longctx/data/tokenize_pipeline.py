@@ -41,6 +41,7 @@ from megatron_longctx.data.jsonl_reader import (
     iter_chunks,
     parse_chunk,
 )
+from megatron_longctx.data.side_data import publish_with_side_data, side_writer
 from megatron_longctx.data.tokenizers import TokenizerSpec
 
 
@@ -70,6 +71,7 @@ class EncodeOptions:
     keep_newlines: bool = False
     chat_template: str | None = None  # Jinja text: values are conversations (chat_render)
     chat_variables: tuple[tuple[str, str], ...] = ()  # the tokenizer's special tokens
+    mask_prompt_loss: bool = False  # also write side data loss_mask (chat_loss_mask)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class EncodedChunk:
     tokens: list[np.ndarray]  # per key: [sum(lengths)] ids in the output dtype
     lengths: list[np.ndarray]  # per key: [sequences] int32 tokens per sequence
     sequences: list[np.ndarray | None]  # per key: [records] sequences per document (None: 1)
+    masks: list[np.ndarray] | None = None  # per key: [sum(lengths)] uint8 loss mask
 
 
 class ChunkEncoder:
@@ -92,7 +95,13 @@ class ChunkEncoder:
         self.dtype = np.dtype(options.dtype)
         self.eod = np.array([self.tokenizer.eod], dtype=np.int32) if options.append_eod else None
         self.render = None
-        if options.chat_template is not None:
+        self.mask_prompt_loss = options.mask_prompt_loss
+        if options.chat_template is not None and options.mask_prompt_loss:
+            from megatron_longctx.data.chat_loss_mask import masked_chat_renderer
+
+            self.render = masked_chat_renderer(options.chat_template,
+                                               dict(options.chat_variables))
+        elif options.chat_template is not None:
             from megatron_longctx.data.chat_render import chat_renderer
 
             self.render = chat_renderer(options.chat_template, dict(options.chat_variables))
@@ -117,6 +126,8 @@ class ChunkEncoder:
                 skips.append(Skip("empty", lines[i], "text encodes to no tokens"))
             skips.sort(key=lambda s: s.line)
         kept = [i for i in range(len(lines)) if keep[i]]
+        masks = [self._masks(texts, per_key, kept) for texts, per_key in
+                 zip(parsed.texts, docs)] if self.mask_prompt_loss else None
         tokens, lengths, sequences = [], [], []
         for per_key in docs:
             flat, lens, counts = self._assemble([per_key[i] for i in kept])
@@ -126,7 +137,19 @@ class ChunkEncoder:
             lengths.append(lens)
             sequences.append(counts)
         return EncodedChunk(chunk.file_index, len(kept), chunk.nbytes, skips, tokens, lengths,
-                            sequences)
+                            sequences, masks)
+
+    def _masks(self, texts: list, docs: list[list[np.ndarray]], kept: list[int]) -> np.ndarray:
+        """The kept records' loss masks, concatenated as ``_assemble`` lays out their tokens
+        (one sequence each: --mask-prompt-loss goes without --split-sentences)."""
+        from megatron_longctx.data.chat_loss_mask import token_masks
+
+        empty = np.zeros(0, np.int32)
+        ids = [docs[i][0] if docs[i] else empty for i in kept]
+        parts = token_masks(self.tokenizer, [texts[i] for i in kept], ids)
+        if self.eod is not None:  # the EOD is trained on
+            parts = [np.append(m, np.uint8(1)) for m in parts]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
     def _encode_texts(self, texts: list[str], lines: list[int]) -> list[list[np.ndarray]]:
         if self.splitter is None:
@@ -300,6 +323,8 @@ def encode_to_datasets(options: EncodeOptions, files: Sequence[InputFile],
     with bar, ExitStack() as stack:
         writers = {key: stack.enter_context(IndexedDatasetWriter(prefix, dtype))
                    for key, prefix in outputs.items()}
+        masks = {key: stack.enter_context(side_writer(prefix, "loss_mask"))
+                 for key, prefix in outputs.items()} if options.mask_prompt_loss else {}
         chunks = iter_chunks(files, options.keys, chunk_bytes)
         if workers == 1:
             encoded_chunks: Iterator[EncodedChunk] = map(ChunkEncoder(options), chunks)
@@ -310,9 +335,11 @@ def encode_to_datasets(options: EncodeOptions, files: Sequence[InputFile],
         try:
             for encoded in encoded_chunks:
                 skips.add(encoded.file_index, encoded.skips)
-                for key, tokens, lengths, counts in zip(options.keys, encoded.tokens,
-                                                        encoded.lengths, encoded.sequences):
+                for k, (key, tokens, lengths, counts) in enumerate(zip(
+                        options.keys, encoded.tokens, encoded.lengths, encoded.sequences)):
                     writers[key].add_documents(tokens, lengths, counts)
+                    if masks:
+                        masks[key].add_documents(encoded.masks[k], lengths, counts)
                     stats[key].update(lengths if counts is None
                                       else np.add.reduceat(lengths, _starts(counts)))
                 result.records += encoded.records
@@ -333,10 +360,7 @@ def encode_to_datasets(options: EncodeOptions, files: Sequence[InputFile],
         if result.records == 0 and on_empty is not None:
             on_empty(result, skips)
         if result.records:
-            for writer in writers.values():
-                writer.prepare()
-            for writer in writers.values():
-                writer.publish()
+            publish_with_side_data(writers, {"loss_mask": masks} if masks else {})
             result.published = True
     return result
 

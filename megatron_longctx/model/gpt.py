@@ -20,7 +20,10 @@ from torch import Tensor
 from megatron_longctx.config import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_longctx.model.attention import AttentionContext
 from megatron_longctx.model.chunked_loss import chunked_cross_entropy, logits_chunk_tokens
-from megatron_longctx.model.gpu_kernels import use_transformer_engine
+from megatron_longctx.model.gpu_kernels import (
+    gradient_accumulation_fusion_available,
+    use_transformer_engine,
+)
 from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.model.layer_spec import llama_block_spec
 from megatron_longctx.rope import RotaryEmbedding
@@ -28,10 +31,13 @@ from megatron_longctx.rope import RotaryEmbedding
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
                        recompute: TrainingConfig | None = None,
-                       initialize: bool = True) -> TransformerConfig:
+                       initialize: bool = True,
+                       grad_accumulation_fusion: bool = False) -> TransformerConfig:
     """Translate our model config into megatron-core's ``TransformerConfig`` (Llama choices).
     ``initialize=False``: weights are left as allocated (``torch.empty``), for callers that
-    fill every one of them."""
+    fill every one of them. ``grad_accumulation_fusion``: the model trains under megatron-core's
+    DDP (whose buffers give each weight the fp32 ``main_grad`` the fused wgrad GEMMs add into);
+    the fusion is on where its kernels exist (``gpu_kernels``), as Megatron-LM's default."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     granularity = recompute.recompute_granularity if recompute else None
     config = TransformerConfig(
@@ -74,7 +80,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=grad_accumulation_fusion
+        and gradient_accumulation_fusion_available(),
         persist_layer_norm=False,
         perform_initialization=initialize,
     )
@@ -182,11 +189,13 @@ class LongContextGPTModel(GPTModel):
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False,
-                training: TrainingConfig | None = None,
-                initialize: bool = True) -> LongContextGPTModel:
+                training: TrainingConfig | None = None, initialize: bool = True,
+                grad_accumulation_fusion: bool = False) -> LongContextGPTModel:
     """This rank's stage of the model (call after ``initialize_model_parallel``);
-    ``initialize=False`` skips drawing the weights (see :func:`transformer_config`)."""
-    config = transformer_config(model, parallel, bf16, training, initialize)
+    ``initialize=False`` skips drawing the weights, ``grad_accumulation_fusion`` is for models
+    wrapped in megatron-core's DDP (see :func:`transformer_config`)."""
+    config = transformer_config(model, parallel, bf16, training, initialize,
+                                grad_accumulation_fusion)
     vocab = padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size,
                               model.make_vocab_size_divisible_by)
     gpt = LongContextGPTModel(

@@ -2,9 +2,11 @@
 
 Transformer Engine's attention (cuDNN / flash fused attention, with its own context-parallel
 communication: ``--cp-comm-type p2p|all_gather|a2a|a2a+p2p``) is used for plain causal attention
-when TE imports and CUDA is present, as in NVIDIA's NGC images. Everything else, and every CPU
-run, uses torch's flash kernels (``scaled_dot_product_attention`` and the blockwise
-document/context-parallel path), so nothing here is imported or warned about on CPU.
+when TE imports and CUDA is present, as in NVIDIA's NGC images; its layers (fused RMSNorm + QKV
+and RMSNorm + fc1, row-parallel linears) then fill the layer spec (``--transformer-impl
+transformer_engine``, the default there: :func:`transformer_engine_spec_provider`). Everything
+else, and every CPU run, uses torch's flash kernels (``scaled_dot_product_attention`` and the
+blockwise document/context-parallel path), so nothing here is imported or warned about on CPU.
 
 Without Transformer Engine, CUDA runs document-masked and context-parallel attention on torch's
 FlexAttention (:func:`uses_flex_attention`).
@@ -33,6 +35,29 @@ def transformer_engine_attention() -> type | None:
     except ImportError:
         return None
     return TEDotProductAttention if HAVE_TE else None
+
+
+def transformer_engine_spec_provider():
+    """megatron-core's ``TESpecProvider`` (which TE module fills each layer slot, as its
+    ``get_gpt_layer_with_transformer_engine_spec`` uses it) when TE is usable here, else None."""
+    if transformer_engine_attention() is None:
+        return None
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    return TESpecProvider()
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether megatron-core can fuse weight-gradient accumulation into the GEMMs
+    (``gradient_accumulation_fusion``: the wgrad GEMM adds into the fp32 ``main_grad`` of its
+    DDP buffer). Its local linears, the output layer among them whatever the spec, need apex's
+    ``fused_weight_gradient_mlp_cuda``: megatron-core's own check, which its
+    ``ColumnParallelLinear`` raises on. TE's linears fuse it natively."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
 
 
 @functools.cache

@@ -2,6 +2,12 @@
 
 Llama: RMSNorm -> self-attention (fused QKV column-parallel, our core attention, row-parallel
 output) -> RMSNorm -> SwiGLU MLP. Swapping a piece means changing one field here.
+
+Two variants, picked by ``config.transformer_impl`` (``--transformer-impl``; model/gpt.py sets
+``transformer_engine`` only where TE is usable): megatron-core's local layers with our RMSNorm,
+or Transformer Engine's layers as megatron-core's ``get_gpt_layer_with_transformer_engine_spec``
+lays them out (each RMSNorm fused into the linear after it) with our core attention. Both save
+the same checkpoint keys, so a checkpoint moves between them (``TE_COMPATIBLE_KEYS_MAP``).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_longctx.model.attention import CoreAttention
+from megatron_longctx.model.gpu_kernels import transformer_engine_spec_provider
 from megatron_longctx.model.norm import RMSNorm
 
 # Checkpoint keys of the two norms, as in megatron-core's local GPT spec
@@ -64,8 +71,42 @@ def llama_layer_spec(core_attention: type = CoreAttention) -> ModuleSpec:
     )
 
 
+def llama_te_layer_spec(te, core_attention: type = CoreAttention) -> ModuleSpec:
+    """The layer of megatron-core's ``get_gpt_layer_with_transformer_engine_spec()`` (dense,
+    no QK norm) with our core attention: ``te`` is its ``TESpecProvider``. The norms live in
+    the fused linears (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``),
+    the checkpoint keys the local spec maps its norms to."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=te.column_parallel_layer_norm_linear(),
+                    core_attention=core_attention,
+                    linear_proj=te.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=te.column_parallel_layer_norm_linear(),
+                                         linear_fc2=te.row_parallel_linear()),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def llama_block_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
-    """The layers of this pipeline stage plus the final RMSNorm."""
-    layer = llama_layer_spec()
+    """The layers of this pipeline stage plus the final RMSNorm (TE's ``TENorm`` with the TE
+    spec, as megatron-core's ``get_gpt_decoder_block_spec``)."""
+    te = (transformer_engine_spec_provider() if config.transformer_impl == "transformer_engine"
+          else None)
+    layer = llama_layer_spec() if te is None else llama_te_layer_spec(te)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
-                                      layer_norm=RMSNorm)
+                                      layer_norm=RMSNorm if te is None else te.layer_norm())

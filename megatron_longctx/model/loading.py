@@ -72,7 +72,11 @@ def load_model(ckpt_dir: str, parallel: ParallelConfig | None = None,
     or an ``iter_*`` directory), weights loaded, in eval mode."""
     from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
     from megatron_longctx.training.checkpoint_files import check_finite, read_errors
-    from megatron_longctx.training.checkpoint_schema import stored_keys
+    from megatron_longctx.training.checkpoint_schema import (
+        drop_absent_extra_state,
+        load_model_state,
+        stored_keys,
+    )
     from megatron_longctx.training.pretrained import check_checkpoint_shapes
 
     path = resolve_checkpoint(ckpt_dir, step)
@@ -85,8 +89,8 @@ def load_model(ckpt_dir: str, parallel: ParallelConfig | None = None,
     version = common["schema_version"]  # older checkpoints store some tensors under other keys
     check_checkpoint_shapes(gpt, path, version)
     with read_errors(path):
-        state = dist_checkpointing.load(
-            {"model": stored_keys(gpt.sharded_state_dict(), version)}, path)
-    gpt.load_state_dict(state["model"])
+        request = drop_absent_extra_state(stored_keys(gpt.sharded_state_dict(), version), path)
+        state = dist_checkpointing.load({"model": request}, path)
+    load_model_state(gpt, state["model"])
     check_finite(gpt, path)
     return CausalLM(gpt, model_cfg).eval()

@@ -2,7 +2,10 @@
 
 Used to start any parallel layout from the same weights (parity tests, HF conversion) and to
 gather sharded tensors (weights or grads) back to their full form. Names are the full model's
-``state_dict`` names (``decoder.layers.{global_index}...``).
+``state_dict`` names (``decoder.layers.{global_index}...``) as the local layer spec has them,
+whichever spec built the model: the Transformer Engine spec's norms, held by the linears they
+are fused into (``self_attention.linear_qkv.layer_norm_weight``), go by the norms' names
+(``input_layernorm.weight``), so conversions and parity checks see one set of names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
+from megatron_longctx.model.layer_spec import TE_COMPATIBLE_KEYS_MAP
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_SPEC_NAMES = {te: local for local, te in TE_COMPATIBLE_KEYS_MAP.items()}
 
 
 def _global_name(model: torch.nn.Module, local_name: str) -> str:
@@ -21,7 +27,11 @@ def _global_name(model: torch.nn.Module, local_name: str) -> str:
     if not match:
         return local_name
     layer = model.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
+    rest = local_name[match.end():]
+    for te, local in _LOCAL_SPEC_NAMES.items():  # the TE spec's fused norms
+        if rest.startswith(te):
+            rest = local + rest[len(te):]
+    return f"decoder.layers.{layer.layer_number - 1}." + rest
 
 
 def _is_glu_fc1(model: torch.nn.Module, name: str) -> bool:

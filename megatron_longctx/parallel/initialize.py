@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,6 +77,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def set_cuda_device_max_connections(layouts: Iterable[ParallelConfig],
+                                    environ: MutableMapping[str, str] = os.environ,
+                                    cuda: bool | None = None) -> str | None:
+    """Set ``CUDA_DEVICE_MAX_CONNECTIONS=1`` for CUDA runs with TP or CP > 1; returns the
+    value in effect (None where nothing is needed).
+
+    With one hardware work queue kernels start in launch order, so megatron-core's asynchronous
+    TP all-gathers and reduce-scatters (launched just before the GEMM they overlap) and TE's CP
+    exchange run beside the compute instead of after it. Megatron-LM asserts this setting for
+    TP/CP > 1 (before Blackwell, where it is harmless). CUDA reads it when the context is
+    created, so call this before ``torch.cuda.set_device``; a value the user exported stays.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda or not any(p.tensor_model_parallel_size > 1 or p.context_parallel_size > 1
+                           for p in layouts):
+        return None
+    name = "CUDA_DEVICE_MAX_CONNECTIONS"
+    if name not in environ:
+        environ[name] = "1"
+    elif environ[name] != "1":
+        logger.warning("%s=%s: TP/CP communication may not overlap with compute "
+                       "(megatron-core expects 1)", name, environ[name])
+    return environ[name]
 
 
 def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int = 30,

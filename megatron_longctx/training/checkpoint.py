@@ -40,6 +40,8 @@ from megatron_longctx.training.checkpoint_schema import (
     CHECKPOINT_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
+    drop_absent_extra_state,
+    load_model_state,
     megatron_lm_args,
     read_common,
     stored_keys,
@@ -331,11 +333,12 @@ def load_checkpoint(trainer, path: str, *, load_optim: bool = True, load_rng: bo
         load_rng = False  # saved without, or another (TP, PP) layout: as Megatron-LM, skip
         logger.info("checkpoint RNG state not restored (not saved or layout changed)")
     with torch.no_grad():  # the optimizer copies into views of parameters
+        request = _sharded_state(trainer, is_loading=True, optim=load_optim, rng=load_rng,
+                                 keys_version=common["schema_version"])
         with read_errors(path):
-            state = dist_checkpointing.load(
-                _sharded_state(trainer, is_loading=True, optim=load_optim, rng=load_rng,
-                               keys_version=common["schema_version"]), path)
-        trainer.model.load_state_dict(state["model"])
+            request["model"] = drop_absent_extra_state(request["model"], path)  # TE <- local
+            state = dist_checkpointing.load(request, path)
+        load_model_state(trainer.model, state["model"])
         check_finite(trainer.model, path)
         if load_optim:
             trainer.optimizer.load_state_dict(state["optimizer"])

@@ -21,6 +21,9 @@ changed, and the optimizer's checkpoint keys are derived from the model's, so a 
 both; its next save writes schema 2. :func:`read_common` gives every reader our config dict as
 ``args``, whichever format wrote it; a Megatron-LM checkpoint (no schema of ours) has
 TE-compatible keys and its ``args`` Namespace is translated (:func:`config_from_megatron_lm`).
+Between the local and the Transformer Engine layer specs only TE's ``_extra_state`` (FP8
+metadata) differs: loading tolerates its absence (:func:`drop_absent_extra_state`,
+:func:`load_model_state`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ import argparse
 import re
 from typing import Any
 
-from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.dict_utils import (
+    dict_list_map_inplace,
+    extract_matching_values,
+    nested_values,
+)
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
     ShardedTensor,
@@ -45,6 +52,7 @@ OUR_ARGS = "megatron_longctx"  # the attribute of ``args`` that holds our config
 # in our config read from Megatron-LM's args: ``model.vocab_size`` is only the padded size
 PADDED_VOCAB_ONLY = "vocab_size_is_padded"
 _LAYER_KEY = re.compile(r"^(decoder\.layers\.)(.*)$")
+EXTRA_STATE = "_extra_state"  # torch's suffix for a module's get_extra_state()
 
 
 def schema_version(common: dict) -> int:
@@ -84,6 +92,40 @@ def stored_keys(sharded_state_dict: dict, version: int) -> dict:
 
     dict_list_map_inplace(rename, sharded_state_dict)
     return sharded_state_dict
+
+
+def drop_absent_extra_state(sharded_state_dict: dict, path: str) -> dict:
+    """``sharded_state_dict`` without the ``_extra_state`` objects that the checkpoint in
+    ``path`` does not hold.
+
+    Transformer Engine's modules keep FP8 scaling metadata as ``_extra_state``. megatron-core's
+    linears save one under the same key in both specs (None in the local ones), but a model
+    built with the TE spec asks for more (its final ``TENorm``'s) than a local-spec checkpoint
+    (ours or Megatron-LM's) holds, and megatron-core's loader fails on a requested key it
+    cannot find. TE starts that state afresh (nothing to restore in bf16)."""
+    def requested(v) -> bool:
+        return isinstance(v, ShardedObject) and v.key.endswith(EXTRA_STATE)
+
+    if not any(requested(v) for v in nested_values(sharded_state_dict)):
+        return sharded_state_dict
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved = {v.key for v in load_sharded_metadata(path).values()}
+    _, kept = extract_matching_values(sharded_state_dict,
+                                      lambda v: requested(v) and v.key not in saved)
+    return kept
+
+
+def load_model_state(model, state: dict) -> None:
+    """``model.load_state_dict(state)``, strict except for ``_extra_state`` entries (Transformer
+    Engine's, absent from local-spec checkpoints: see :func:`drop_absent_extra_state`; stock
+    TE specs keep attention's at ``core_attention._extra_state``, ours one level down)."""
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = ([k for k in keys if not k.endswith(EXTRA_STATE)]
+                           for keys in (result.missing_keys, result.unexpected_keys))
+    if missing or unexpected:
+        raise RuntimeError(f"the loaded state does not fit {type(model).__name__}: missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def vocabulary_fits(saved_args: dict, vocab: int) -> bool:

@@ -28,6 +28,7 @@ from megatron_longctx.parallel.initialize import (
     distributed_env,
     init_process_group,
     initialize_model_parallel,
+    set_cuda_device_max_connections,
 )
 from megatron_longctx.training.checkpoint import latest_step, load_checkpoint, load_common
 from megatron_longctx.training.checkpoint_schema import vocabulary_fits
@@ -284,6 +285,7 @@ def main(stages: list[RunConfig] | RunConfig, dry_run: bool = False,
                         estimate_memory(cfg, world).explain())
         return "dry_run"
     stop = StopSignal(any(cfg.training.exit_signal_handler for cfg in stages))
+    set_cuda_device_max_connections(cfg.parallel for cfg in stages)  # before CUDA starts
     init_process_group(env, stages[0].parallel.distributed_timeout_minutes,
                        stages[0].parallel.distributed_backend)
     root = os.path.dirname(stages[0].checkpoint.save) if len(stages) > 1 else None

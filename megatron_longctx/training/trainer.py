@@ -61,7 +61,8 @@ class Trainer:
         self.cfg = cfg
         t, p = cfg.training, cfg.parallel
         self.dataset = dataset
-        self.model = build_model(cfg.model, p, t.bf16, t)
+        # wrapped in DDP below: fused wgrad accumulation into main_grad where the GPU has it
+        self.model = build_model(cfg.model, p, t.bf16, t, grad_accumulation_fusion=True)
         if init_state_dict is not None:
             load_full_state_dict(self.model, init_state_dict)
         config = self.model.config

@@ -170,16 +170,6 @@ def test_length_upsampling_shifts_lengths_but_keeps_source_shares(tmp_path):
     assert seen_short < 0.35 * short
 
 
-def test_datasets_with_several_sequences_per_document_are_refused(tmp_path):
-    prefix = str(tmp_path / "sentences")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    builder.add_document(torch.arange(10, dtype=torch.int32), [4, 6])  # two "sentences"
-    builder.add_document(torch.arange(5, dtype=torch.int32), [5])
-    builder.finalize(prefix + ".idx")
-    with pytest.raises(ValueError, match="3 sequences in 2 documents"):
-        build_blended_dataset([prefix], "1", 1, SampleOptions(4, eod=EOD), 0)
-
-
 def test_bad_upsample_specs():
     with pytest.raises(ValueError, match="THRESHOLD:KEEP_PROBABILITY"):
         parse_upsample(["4096"], 1)

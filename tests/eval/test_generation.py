@@ -83,8 +83,10 @@ def test_kv_cache_decoding_equals_full_forward(checkpoints, rope):
         logits = [model.next_token_logits(prompt, cache, length + new)]
         for i in range(new - 1):
             logits.append(model.next_token_logits(expected[:, i:i + 1], cache, length + new))
+        # float32, O(1) logits: the cached step reduces over keys in another order than the
+        # full forward (seen: 1.1e-5), an error in the cache would be O(0.1)
         torch.testing.assert_close(torch.stack(logits, 1), expected_logits, rtol=1e-5,
-                                   atol=1e-5)
+                                   atol=5e-5)
         assert len(set(expected.flatten().tolist())) > 3  # not a degenerate constant output
 
 

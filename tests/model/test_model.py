@@ -92,6 +92,10 @@ def test_transformer_engine_attention_is_used_only_where_it_applies(model_parall
     monkeypatch.setattr(attention_module, "transformer_engine_attention", lambda: FakeTE)
     # --transformer-impl: TE where usable (megatron_longctx.model.gpu_kernels)
     monkeypatch.setattr(gpu_kernels, "transformer_engine_attention", lambda: FakeTE)
+    # TE's layers cannot be built here: the local layers around the (fake) TE attention
+    from megatron_longctx.model import layer_spec
+
+    monkeypatch.setattr(layer_spec, "transformer_engine_spec_provider", lambda: None)
     for impl, backend in (("local", "auto"), (None, "local")):  # TE not wanted: never built
         cfg = RunConfig()
         cfg.model.transformer_impl, cfg.model.attention_backend = impl, backend
