@@ -29,7 +29,7 @@ def worker(seq: int, cp: int, out: str, steps: int) -> None:
 
     from benchmarks.common import PeakRSS
     from megatron_longctx.config import RunConfig
-    from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
     from megatron_longctx.parallel.initialize import (
         init_process_group,
         initialize_model_parallel,

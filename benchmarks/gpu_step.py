@@ -116,9 +116,9 @@ def worker(impl: str, seq: int, steps: int, recompute: str, out: str) -> None:
     import torch
 
     from benchmarks.common import best_of, hf_train_step
-    from megatron_longctx.data.byte_tokenizer import ByteTokenizer
-    from megatron_longctx.data.long_context_dataset import SampleOptions
-    from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.samples.long_context_dataset import SampleOptions
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
     from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
 
     cfg = run_config(impl, seq, recompute)

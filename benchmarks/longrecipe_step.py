@@ -37,12 +37,12 @@ TIME_GOAL_FULL, TIME_GOAL_PLAIN = 0.35, 1.05
 def _dataset(kind: str, seq: int, target: int, tmp: str):
     import numpy as np
 
-    from megatron_longctx.data.document_windows import DocumentWindows
-    from megatron_longctx.data.indexed_writer import IndexedDatasetWriter
-    from megatron_longctx.data.long_context_dataset import SampleOptions, open_indexed
-    from megatron_longctx.data.stdlib_corpus import stdlib_documents
-    from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
-    from megatron_longctx.data.tokenizers import ByteTokenizer
+    from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
+    from megatron_longctx.data.formats.indexed_writer import IndexedDatasetWriter
+    from megatron_longctx.data.samples.document_windows import DocumentWindows
+    from megatron_longctx.data.samples.long_context_dataset import SampleOptions, open_indexed
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
     from megatron_longctx.methods.position_transform import PositionTransform, sentence_end_table
 
     if kind != "longrecipe":

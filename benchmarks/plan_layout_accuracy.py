@@ -77,8 +77,8 @@ def worker(name: str, out: str) -> None:
     import psutil
     import torch.distributed as dist
 
-    from megatron_longctx.data.long_context_dataset import SampleOptions
-    from megatron_longctx.data.token_dataset import TokenStreamDataset
+    from megatron_longctx.data.samples.long_context_dataset import SampleOptions
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset
     from megatron_longctx.parallel.initialize import (
         init_process_group,
         initialize_model_parallel,

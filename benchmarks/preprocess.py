@@ -28,13 +28,13 @@ from multiprocessing import Pool
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import PeakRSS, write_markdown  # noqa: E402
-from megatron_longctx.data.indexed_reader import check_indexed_dataset  # noqa: E402
-from megatron_longctx.data.jsonl_reader import DocumentReader  # noqa: E402
-from megatron_longctx.data.sentencepiece_trainer import (  # noqa: E402
+from megatron_longctx.data.corpora.stdlib_corpus import write_stdlib_jsonl  # noqa: E402
+from megatron_longctx.data.formats.indexed_reader import check_indexed_dataset  # noqa: E402
+from megatron_longctx.data.preprocessing.jsonl_reader import DocumentReader  # noqa: E402
+from megatron_longctx.data.tokenization.sentencepiece_trainer import (  # noqa: E402
     SentencePieceTrainConfig,
     train_sentencepiece,
 )
-from megatron_longctx.data.stdlib_corpus import write_stdlib_jsonl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_BYTES = 1 << 20  # texts per encode call in the baseline, as the pipeline's chunks

@@ -48,7 +48,7 @@ def run_config(seq: int, bf16: bool, steps: int):
 def worker(impl: str, seq: int, dtype: str, steps: int, out: str) -> None:
     from benchmarks.common import best_of
     from megatron_longctx.convert.hf_config import hf_config
-    from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
     from megatron_longctx.model import build_model
     from megatron_longctx.model.hf_conversion import to_hf
     from megatron_longctx.model.sharding import full_tensors

@@ -21,8 +21,9 @@ mkdir -p logs
 search() {  # search OUT LOAD TARGET [extra flags]
   local out=$1 load=$2 target=$3; shift 3
   [[ -f $out/rope_parameters.json ]] && return
+  # the search saves its state every iteration: resubmitting the same command resumes it
   sbatch --wait --nodes "$SEARCH_NODES" --job-name "longrope-$(basename "$out")" \
-    examples/slurm/longrope_search.sbatch --load "$load" --data "$HELDOUT" \
+    examples/slurm/tool.sbatch longctx-longrope-search --load "$load" --data "$HELDOUT" \
     --target-length "$target" --tensor-model-parallel-size 8 \
     --context-parallel-size "$SEARCH_NODES" --out "$out" "$@"
 }

@@ -15,12 +15,12 @@ from collections.abc import Callable
 
 TOOLS = {
     "pretrain": "megatron_longctx.training.pretrain_tool",
-    "preprocess_data": "megatron_longctx.data.preprocess_tool",
-    "train_tokenizer": "megatron_longctx.data.train_tokenizer_tool",
-    "merge_datasets": "megatron_longctx.data.merge_tool",
-    "inspect_dataset": "megatron_longctx.data.inspect_tool",
-    "make_stdlib_corpus": "megatron_longctx.data.stdlib_corpus_tool",
-    "make_retrieval_corpus": "megatron_longctx.data.retrieval_corpus_tool",
+    "preprocess_data": "megatron_longctx.data.preprocessing.preprocess_tool",
+    "train_tokenizer": "megatron_longctx.data.tokenization.train_tokenizer_tool",
+    "merge_datasets": "megatron_longctx.data.formats.merge_tool",
+    "inspect_dataset": "megatron_longctx.data.formats.inspect_tool",
+    "make_stdlib_corpus": "megatron_longctx.data.corpora.stdlib_corpus_tool",
+    "make_retrieval_corpus": "megatron_longctx.data.corpora.retrieval_corpus_tool",
     "convert_hf_to_mcore": "megatron_longctx.convert.hf_to_mcore_tool",
     "convert_mcore_to_hf": "megatron_longctx.convert.mcore_to_hf_tool",
     "harpe_bases": "megatron_longctx.rope.harpe_tool",

@@ -3,13 +3,13 @@
 top-level package with --by-package: long documents for long-context work).
 
 Also installed as ``longctx-make-stdlib-corpus``. Flags and examples: ``--help``; the code:
-megatron_longctx/data/stdlib_corpus_tool.py.
+megatron_longctx/data/corpora/stdlib_corpus_tool.py.
 """
 
 import sys
 
 from megatron_longctx.console import exit_status
-from megatron_longctx.data.stdlib_corpus_tool import main
+from megatron_longctx.data.corpora.stdlib_corpus_tool import main
 
 if __name__ == "__main__":
     sys.exit(exit_status(main()))

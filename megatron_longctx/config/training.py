@@ -183,7 +183,7 @@ class LoggingConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from, with Megatron-LM's flags (megatron_longctx.data.blend):
+    """Where samples come from, with Megatron-LM's flags (megatron_longctx.data.samples.blend):
     ``data_path`` (split by ``split``) or the per-split paths, or ``mock_data``; ``["stdlib"]``
     is the built-in corpus (Python's standard-library sources, byte tokens)."""
 
@@ -218,6 +218,6 @@ class DataConfig:
     pack_short: bool = False
 
     def validate(self) -> None:
-        from megatron_longctx.data.blend import check_data_config
+        from megatron_longctx.data.samples.blend import check_data_config
 
         check_data_config(self)

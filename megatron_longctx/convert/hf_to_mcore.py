@@ -26,7 +26,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ import torch.distributed as dist
 from megatron_longctx.config import ParallelConfig, RunConfig
 from megatron_longctx.convert.hf_config import ConversionError, model_config_from_hf
 from megatron_longctx.convert.safetensors_io import SafetensorsReader
+from megatron_longctx.convert.scratch import ScratchFiles
 from megatron_longctx.model.hf_conversion import embeddings_from_hf, hf_shapes, layer_from_hf
 
 logger = logging.getLogger(__name__)
@@ -82,39 +82,13 @@ def _carry_files(hf_dir: str, out_dir: str, hf: dict) -> None:
         json.dump(hf, f, indent=2)
 
 
-class _Scratch:
-    """Tensors backed by files in ``directory`` (shared mappings): what is written to them is
-    page cache, written back and reclaimable, never the process's anonymous memory."""
-
-    def __init__(self, directory: str):
-        self.directory, self.count = directory, 0
-        os.makedirs(directory, exist_ok=True)
-
-    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        path = os.path.join(self.directory, f"{self.count}.bin")
-        self.count += 1
-        nbytes = shape.numel() * dtype.itemsize
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        with open(path, "w+b") as f:
-            f.truncate(nbytes)
-            buffer = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_WRITE)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-
-    def __call__(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A file-backed copy of ``tensor`` (cast to ``dtype`` while copying)."""
-        out = self.empty(tensor.shape, dtype or tensor.dtype)
-        out.copy_(tensor)
-        return out
-
-
 class _SavedFromScratch:
     """The model as ``save_weights`` sees it: its sharded state dict with the factories applied
     (as ``dist_checkpointing.save`` would) and every tensor that is a view into a larger
     storage (the SwiGLU gate and up halves of ``linear_fc1``) moved to its own scratch file:
     megatron-core's writer clones such views in memory, all of them at once."""
 
-    def __init__(self, model, scratch: _Scratch):
+    def __init__(self, model, scratch: ScratchFiles):
         self.model, self.scratch = model, scratch
 
     def sharded_state_dict(self) -> dict:
@@ -132,7 +106,7 @@ class _SavedFromScratch:
 
 @torch.no_grad()
 def _fill(model, reader: SafetensorsReader, model_cfg, padded_vocab: int,
-          scratch: _Scratch) -> None:
+          scratch: ScratchFiles) -> None:
     """Point each of this rank's parameters at its shard of the HF tensors (a scratch file's
     mapping), one layer at a time; the parameters' own (untouched) storage is released."""
     from megatron_longctx.model.sharding import local_parameters, shard
@@ -186,7 +160,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     rank = dist.get_rank() if dist.is_initialized() else 0
     scratch_dir = os.path.join(out_dir, f".hf_to_mcore-scratch-{rank}")
     try:
-        scratch = _Scratch(scratch_dir)
+        scratch = ScratchFiles(scratch_dir)
         _fill(model, reader, model_cfg,
               padded_vocab_size(model_cfg.vocab_size, parallel.tensor_model_parallel_size,
                                 make_vocab_size_divisible_by),

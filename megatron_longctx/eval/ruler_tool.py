@@ -61,7 +61,7 @@ def _haystack(args) -> str:
     if args.haystack:
         with open(args.haystack, encoding="utf-8") as f:
             return f.read()
-    from megatron_longctx.data.stdlib_corpus import stdlib_documents
+    from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
 
     need, parts = 8 * max(args.lengths), []  # >= ~2 words per token
     for text in stdlib_documents():

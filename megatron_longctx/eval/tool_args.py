@@ -60,7 +60,7 @@ def long_documents_arg(args: argparse.Namespace, min_length: int) -> list:
                     if len(docs) == args.num_documents:
                         break
         return docs
-    from megatron_longctx.data.long_context_dataset import open_indexed
+    from megatron_longctx.data.samples.long_context_dataset import open_indexed
     from megatron_longctx.eval.perplexity import long_documents
 
     return long_documents(open_indexed(args.data), min_length, args.num_documents,
@@ -75,7 +75,7 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
 
 def checkpoint_tokenizer(args: argparse.Namespace):
     """``--tokenizer-type/--tokenizer-model``, else the first checkpoint's ``args.data``."""
-    from megatron_longctx.data.tokenizers import build_tokenizer
+    from megatron_longctx.data.tokenization.tokenizers import build_tokenizer
     from megatron_longctx.training.checkpoint import load_common, resolve_checkpoint
 
     kind, model = args.tokenizer_type, args.tokenizer_model

@@ -301,7 +301,7 @@ def merge_checkpoints(checkpoints: Sequence[str], save: str,
     before any tensor is read; inputs are read ``chunk_bytes`` at a time. ``progress(done,
     total)`` is called after each piece."""
     from megatron_longctx.config import ParallelConfig
-    from megatron_longctx.convert.hf_to_mcore import _Scratch
+    from megatron_longctx.convert.scratch import ScratchFiles
     from megatron_longctx.model.gpt import padded_vocab_size
     from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
     from megatron_longctx.training.checkpoint import TRACKER, save_weights
@@ -326,7 +326,7 @@ def merge_checkpoints(checkpoints: Sequence[str], save: str,
     scratch_dir = os.path.join(save, ".merge-scratch")
     merged = _MergedModel()
     try:
-        scratch = _Scratch(scratch_dir)
+        scratch = ScratchFiles(scratch_dir)
         pieces = _pieces(first)
         for done, piece in enumerate(pieces, 1):
             meta = first.tensors[piece.key]

@@ -24,8 +24,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from megatron_longctx.data.side_data import side_writer
-from megatron_longctx.data.tokenizers import build_tokenizer, tokenizer_types
+from megatron_longctx.data.formats.side_data import side_writer
+from megatron_longctx.data.tokenization.tokenizers import build_tokenizer, tokenizer_types
 from megatron_longctx.methods.impactful_tokens import load_anchor_tokens
 from megatron_longctx.methods.position_transform import sentence_end_table
 from megatron_longctx.methods.sample_selection import SelectionCounts, select_document
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     _check(args)
-    from megatron_longctx.data.indexed_writer import IndexedDatasetWriter
-    from megatron_longctx.data.long_context_dataset import open_indexed
+    from megatron_longctx.data.formats.indexed_writer import IndexedDatasetWriter
+    from megatron_longctx.data.samples.long_context_dataset import open_indexed
 
     indexed = open_indexed(args.data)  # validated before any work
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)

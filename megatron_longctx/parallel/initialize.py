@@ -135,8 +135,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     """
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -161,10 +160,22 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def destroy() -> None:
+def destroy_model_parallel() -> None:
+    """Forget megatron-core's groups and destroy them. Its ``destroy_model_parallel`` only
+    forgets most of them, and every gloo group keeps its TCP threads polling: a process that
+    lays out its groups again (a tool or test run in-process) would pile up thousands of them."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    parallel_state.destroy_model_parallel()  # destroys the gloo DP groups it made itself
+    world = dist.distributed_c10d._world  # every group made since init_process_group
+    for group in list(world.pg_map):
+        if group is not world.default_pg:
+            dist.destroy_process_group(group)
+
+
+def destroy() -> None:
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

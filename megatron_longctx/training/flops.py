@@ -55,7 +55,7 @@ def attention_flops(model: ModelConfig, squares: float) -> float:
 
 def document_lengths(doc_starts: Sequence[Sequence[int]], seq_length: int) -> list[list[int]]:
     """Per-sample document lengths from packed samples' ``doc_starts`` (each sorted, from 0),
-    the key :func:`megatron_longctx.data.long_context_dataset.build_sample` writes."""
+    the key :func:`megatron_longctx.data.samples.long_context_dataset.build_sample` writes."""
     lengths = []
     for starts in doc_starts:
         bounds = [int(x) for x in starts] + [seq_length]

@@ -15,13 +15,13 @@ import torch.distributed as dist
 import yaml
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.blend import resolve_data_sources
-from megatron_longctx.data.blended_dataset import build_split_dataset
-from megatron_longctx.data.dataset_check import check_training_data
-from megatron_longctx.data.long_context_dataset import SampleOptions
-from megatron_longctx.data.packing import split_documents
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
-from megatron_longctx.data.tokenizers import build_tokenizer
+from megatron_longctx.data.formats.dataset_check import check_training_data
+from megatron_longctx.data.samples.blend import resolve_data_sources
+from megatron_longctx.data.samples.blended_dataset import build_split_dataset
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions
+from megatron_longctx.data.samples.packing import split_documents
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.tokenization.tokenizers import build_tokenizer
 from megatron_longctx.methods.position_transform import PositionTransform, sentence_end_table
 from megatron_longctx.parallel.initialize import (
     destroy,
@@ -111,8 +111,8 @@ def position_transform(cfg: RunConfig, tokenizer) -> PositionTransform | None:
 def held_out_documents(sources, min_length: int, count: int) -> list | None:
     """Validation-split documents of at least ``min_length`` tokens, ``count`` at most, taken
     from the sources in order."""
-    from megatron_longctx.data.long_context_dataset import open_indexed
-    from megatron_longctx.data.packing import document_range
+    from megatron_longctx.data.samples.long_context_dataset import open_indexed
+    from megatron_longctx.data.samples.packing import document_range
     from megatron_longctx.eval.perplexity import long_documents
 
     docs = []

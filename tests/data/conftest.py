@@ -8,7 +8,7 @@ trained with the ``tokenizers`` library, both on that corpus.
 import pytest
 from pipeline_helpers import UNICODE_DOCS, write_jsonl
 
-from megatron_longctx.data.stdlib_corpus import stdlib_documents
+from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def corpus_jsonl(data_dir, corpus_texts) -> str:
 
 @pytest.fixture(scope="session")
 def sp_model(data_dir, corpus_jsonl) -> str:
-    from megatron_longctx.data.sentencepiece_trainer import (
+    from megatron_longctx.data.tokenization.sentencepiece_trainer import (
         SentencePieceTrainConfig,
         train_sentencepiece,
     )

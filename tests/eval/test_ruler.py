@@ -42,11 +42,11 @@ TOKENIZERS = {"words": words, "chars": len}
 def spm_count(tmp_path_factory):
     """A real SentencePiece BPE model (400 pieces: ~5 tokens a word, a coarse fit), trained by
     our trainer in well under a second."""
-    from megatron_longctx.data.sentencepiece_trainer import (
+    from megatron_longctx.data.tokenization.sentencepiece_trainer import (
         SentencePieceTrainConfig,
         train_sentencepiece,
     )
-    from megatron_longctx.data.tokenizers import SentencePieceTokenizer
+    from megatron_longctx.data.tokenization.tokenizers import SentencePieceTokenizer
 
     directory = tmp_path_factory.mktemp("ruler_spm")
     corpus = directory / "corpus.jsonl"

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from megatron_longctx.data.tokenizers import ByteTokenizer
+from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
 from megatron_longctx.eval.ruler import TASKS, build_sample
 from megatron_longctx.eval.ruler_tool import ruler_scores
 

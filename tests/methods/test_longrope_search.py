@@ -116,7 +116,7 @@ def test_longrope_output_equals_transformers_inverse_frequencies():
 @pytest.fixture(scope="module")
 def search_setup(tmp_path_factory):
     """A tiny byte-level Llama pretrained at 64 tokens, stdlib documents as JSONL."""
-    from megatron_longctx.data.stdlib_corpus import stdlib_documents
+    from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
 
     root = tmp_path_factory.mktemp("longrope")
     docs = root / "docs.jsonl"

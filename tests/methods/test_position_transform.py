@@ -5,7 +5,7 @@ stdlib text; PoSE's split points and skips follow their uniform definitions."""
 import numpy as np
 import pytest
 
-from megatron_longctx.data.tokenizers import ByteTokenizer
+from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
 from megatron_longctx.methods.position_transform import (
     longrecipe_positions,
     pose_positions,
@@ -16,7 +16,7 @@ from megatron_longctx.methods.position_transform import (
 
 
 def _stdlib_samples(length, count):
-    from megatron_longctx.data.stdlib_corpus import stdlib_documents
+    from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
 
     tok = ByteTokenizer()
     samples = []

@@ -8,14 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from megatron_longctx.data.blended_dataset import build_blended_dataset
-from megatron_longctx.data.document_windows import RecordedSamples
-from megatron_longctx.data.indexed_writer import IndexedDatasetWriter
-from megatron_longctx.data.long_context_dataset import SampleOptions, open_indexed
-from megatron_longctx.data.shards import resolve_prefixes
-from megatron_longctx.data.side_data import SideData
-from megatron_longctx.data.stdlib_corpus import stdlib_documents
-from megatron_longctx.data.tokenizers import ByteTokenizer
+from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
+from megatron_longctx.data.formats.indexed_writer import IndexedDatasetWriter
+from megatron_longctx.data.formats.side_data import SideData
+from megatron_longctx.data.preprocessing.shards import resolve_prefixes
+from megatron_longctx.data.samples.blended_dataset import build_blended_dataset
+from megatron_longctx.data.samples.document_windows import RecordedSamples
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions, open_indexed
+from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
 from megatron_longctx.methods.select_samples_tool import main as select
 
 SEQ, TARGET = 128, 512

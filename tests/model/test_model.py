@@ -3,7 +3,7 @@
 import torch
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.model import build_model
 from megatron_longctx.training.trainer import Trainer
 

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.byte_tokenizer import ByteTokenizer
-from megatron_longctx.data.long_context_dataset import SampleOptions
-from megatron_longctx.data.stdlib_corpus import stdlib_documents
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
 from megatron_longctx.model.sharding import full_tensors, local_parameters
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
 from megatron_longctx.training.trainer import Trainer
@@ -139,7 +139,7 @@ def dataset(cfg: RunConfig, variant: str):
                             reset_position_ids=cfg.data.reset_position_ids,
                             eod_mask_loss=cfg.data.eod_mask_loss)
     if data == "longrecipe":
-        from megatron_longctx.data.document_windows import DocumentWindows
+        from megatron_longctx.data.samples.document_windows import DocumentWindows
         from megatron_longctx.methods.position_transform import (
             PositionTransform,
             sentence_end_table,

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from megatron_longctx.data.stdlib_corpus import write_stdlib_jsonl
+from megatron_longctx.data.corpora.stdlib_corpus import write_stdlib_jsonl
 
 from distributed import ROOT
 

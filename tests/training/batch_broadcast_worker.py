@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.byte_tokenizer import ByteTokenizer
-from megatron_longctx.data.long_context_dataset import SampleOptions
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.tokenization.tokenizers import ByteTokenizer
 from megatron_longctx.model.sharding import full_tensors
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
 from megatron_longctx.training.trainer import Trainer

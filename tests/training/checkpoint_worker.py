@@ -13,7 +13,7 @@ import sys
 import torch.distributed as dist
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel
 from megatron_longctx.training.checkpoint import (
     load_checkpoint,

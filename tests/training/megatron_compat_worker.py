@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.config import ModelConfig, ParallelConfig, RunConfig
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.model import CausalLM, build_model, load_model
 from megatron_longctx.model.sharding import full_tensors
 from megatron_longctx.parallel.initialize import init_process_group, initialize_model_parallel

@@ -6,7 +6,7 @@ import os
 import torch
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.training.batches import GlobalBatchSampler, PrefetchingLoader, collate
 from megatron_longctx.training.trainer import Trainer
 

@@ -280,7 +280,7 @@ def test_schema_1_checkpoint_loads_on_every_path(model_parallel, tmp_path, monke
 
 
 def small_trainer():
-    from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+    from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
     from megatron_longctx.parallel.initialize import initialize_model_parallel
     from megatron_longctx.training.trainer import Trainer
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.blended_dataset import build_blended_dataset
-from megatron_longctx.data.long_context_dataset import SampleOptions
+from megatron_longctx.data.samples.blended_dataset import build_blended_dataset
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions
 from megatron_longctx.training import loop
 from megatron_longctx.training.metrics import MetricsLogger
 from megatron_longctx.training.run import build_datasets

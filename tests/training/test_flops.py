@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_longctx.config import ModelConfig, ParallelConfig
-from megatron_longctx.data.long_context_dataset import SampleOptions, build_sample
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions, build_sample
 from megatron_longctx.model import build_model
 from megatron_longctx.training.flops import (
     document_lengths,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from megatron_longctx.config import RunConfig
-from megatron_longctx.data.blended_dataset import build_blended_dataset
-from megatron_longctx.data.long_context_dataset import SampleOptions
+from megatron_longctx.data.samples.blended_dataset import build_blended_dataset
+from megatron_longctx.data.samples.long_context_dataset import SampleOptions
 from megatron_longctx.training.batches import collate
 from megatron_longctx.training.trainer import Trainer
 

@@ -6,7 +6,7 @@ import torch
 
 from megatron_longctx.arguments import parse_config
 from megatron_longctx.config import ModelConfig, ParallelConfig
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.model import gpt, gpu_kernels
 from megatron_longctx.training import trainer as trainer_module
 from megatron_longctx.training.trainer import Trainer

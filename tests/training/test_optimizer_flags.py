@@ -4,7 +4,7 @@ written out by hand (PyTorch's SGD with momentum and coupled weight decay)."""
 import torch
 
 from megatron_longctx.arguments import parse_config
-from megatron_longctx.data.token_dataset import TokenStreamDataset, stdlib_token_stream
+from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
 from megatron_longctx.training.trainer import Trainer
 
 

@@ -1,0 +1,2 @@
+"""Corpora every machine can build: Python's standard-library sources and synthetic
+retrieval (passkey) documents."""

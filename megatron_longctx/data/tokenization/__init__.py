@@ -1,0 +1,2 @@
+"""Tokenizers by Megatron-LM's ``--tokenizer-type`` names (from local files only) and the
+SentencePiece trainer."""
