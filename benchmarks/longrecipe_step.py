@@ -6,7 +6,7 @@ fp32, micro-batch 1) and the same byte-tokenized stdlib documents; ``Trainer.tra
 including sample building:
 
 * ``longrecipe``: ``--seq-length`` L_train = 0.3 L', single-document windows whose LongRecipe
-  position ids span L' (``data.document_windows`` with ``--position-transform longrecipe``);
+  position ids span L' (``data.samples.document_windows`` with ``--position-transform longrecipe``);
 * ``full``: plain samples of L' tokens;
 * ``plain``: plain samples of L_train tokens (no transform): the transform's overhead.
 

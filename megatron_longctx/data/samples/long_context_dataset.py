@@ -38,7 +38,7 @@ class SampleOptions:
     reset_position_ids: bool = False
     eod_mask_loss: bool = False
     # (input tokens [s], sample index) -> positions [s]: --position-transform; its samples are
-    # single-document windows (data.document_windows)
+    # single-document windows (document_windows.py)
     position_transform: Callable[[np.ndarray, int], np.ndarray] | None = None
     pack_short: bool = False  # with a transform: pack documents too short for a window
 

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from data.test_packing import EOD, make_docs, write_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import (
     BlendedMegatronDatasetBuilder,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
+from test_packing import EOD, make_docs, write_dataset
 
 from megatron_longctx.arguments import parse_config
 from megatron_longctx.config import DataConfig
