@@ -170,8 +170,12 @@ def test_a_killed_worker_fails_the_run_within_seconds(tmp_path, sp_model):
             pass
     assert proc.returncode == 1
     assert took < 10, f"the run took {took:.1f} s to notice the dead worker"
-    assert err.strip().splitlines()[-1].startswith(
-        f"error: a worker process died (pid {workers[0]} was killed by SIGKILL"), err
+    # the cause is named when the worker's exit status is in by then; on a loaded machine the
+    # pool can break first (about 1 run in 4 here): then it only says the worker was killed
+    last = err.strip().splitlines()[-1]
+    assert (last.startswith(f"error: a worker process died (pid {workers[0]} was killed by "
+                            f"SIGKILL") or last.startswith("error: a worker process died "
+                                                           "(killed); the run stopped")), err
     assert not [f for f in os.listdir(out) if not f.startswith(".")]
 
 
