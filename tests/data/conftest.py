@@ -6,7 +6,7 @@ trained with the ``tokenizers`` library, both on that corpus.
 """
 
 import pytest
-from pipeline_helpers import UNICODE_DOCS, write_jsonl
+from pipeline_helpers import UNICODE_DOCS, load_tool, write_jsonl
 
 from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
 
@@ -58,3 +58,10 @@ def hf_tokenizer_dir(data_dir, corpus_texts) -> str:
                                    unk_token="<unk>")
     fast.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def preprocess():
+    """``tools/preprocess_data.py``'s ``main`` in this process: ``preprocess(*flags)``."""
+    tool = load_tool("preprocess_data")
+    return lambda *args: tool.main([*map(str, args), "--no-progress"])

@@ -44,3 +44,12 @@ def write_jsonl(path, records) -> str:
 def read_jsonl_texts(path, key: str = "text") -> list[str]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line)[key] for line in f]
+
+
+def documents(prefix) -> list[list[int]]:
+    """Every document of the indexed dataset at ``prefix``, as token lists (megatron-core's
+    reader)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from pipeline_helpers import load_tool, write_jsonl
+from pipeline_helpers import write_jsonl
 
 from megatron_longctx.data.samples.blended_dataset import build_blended_dataset
 from megatron_longctx.data.samples.long_context_dataset import SampleOptions, open_indexed
@@ -67,12 +67,6 @@ def prose_jsonl(tmp_path_factory):
              for _ in range(40)]
     return write_jsonl(tmp_path_factory.mktemp("prose") / "prose.jsonl",
                        [{"text": t} for t in texts])
-
-
-@pytest.fixture(scope="module")
-def preprocess():
-    tool = load_tool("preprocess_data")
-    return lambda *args: tool.main([*map(str, args), "--no-progress"])
 
 
 def test_split_sentences_with_newlines_kept_trains_as_the_unsplit_corpus(tmp_path, preprocess,

@@ -10,18 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from pipeline_helpers import load_tool, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def preprocess():
-    tool = load_tool("preprocess_data")
-    return lambda *args: tool.main([*map(str, args), "--no-progress"])
-
-
-def documents(prefix) -> list[list[int]]:
-    dataset = IndexedDataset(str(prefix))
-    return [dataset[i].tolist() for i in range(len(dataset))]
+from pipeline_helpers import documents, write_jsonl
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -20,12 +20,6 @@ from megatron_longctx.data.formats.indexed_reader import IndexedDatasetError, ch
 from megatron_longctx.data.formats.indexed_writer import temp_files
 
 
-@pytest.fixture(scope="module")
-def preprocess():
-    tool = load_tool("preprocess_data")
-    return lambda *args: tool.main([*map(str, args), "--no-progress"])
-
-
 def read_file(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from pipeline_helpers import load_tool, write_jsonl
+from pipeline_helpers import documents, load_tool, write_jsonl
 
 from megatron_longctx.data.formats.side_data import has_side_data, side_prefix
 
@@ -36,17 +36,6 @@ MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "[INST] {{ message['content'] }} [/INST]{% else %} {{ message['content'] }}"
     "{{ eos_token }}{% endif %}{% endfor %}")
-
-
-@pytest.fixture(scope="module")
-def preprocess():
-    tool = load_tool("preprocess_data")
-    return lambda *args: tool.main([*map(str, args), "--no-progress"])
-
-
-def documents(prefix) -> list[list[int]]:
-    dataset = IndexedDataset(str(prefix))
-    return [dataset[i].tolist() for i in range(len(dataset))]
 
 
 def chat_tokenizer(directory, hf_tokenizer_dir, template):
