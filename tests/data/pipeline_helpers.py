@@ -53,3 +53,18 @@ def documents(prefix) -> list[list[int]]:
 
     dataset = IndexedDataset(str(prefix))
     return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def wait_until_writing(proc, prefix: str, timeout: float = 60) -> None:
+    """Return once ``proc`` has written tokens to ``{prefix}``'s temporary ``.bin`` (or ended,
+    or ``timeout`` passed): the moment a kill leaves a partial dataset behind."""
+    import time
+
+    from megatron_longctx.data.formats.indexed_writer import temp_files
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        bins = [p for p in temp_files(prefix) if ".bin.tmp-" in p]
+        if bins and os.path.getsize(bins[0]) > 0:
+            return
+        time.sleep(0.005)

@@ -6,13 +6,20 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from pipeline_helpers import PYTHON, ROOT, load_tool, read_jsonl_texts, run_tool, write_jsonl
+from pipeline_helpers import (
+    PYTHON,
+    ROOT,
+    load_tool,
+    read_jsonl_texts,
+    run_tool,
+    wait_until_writing,
+    write_jsonl,
+)
 from test_jsonl_reader import BAD_LINES, write_bad_file
 
 from megatron_longctx.data.corpora.stdlib_corpus import write_stdlib_jsonl
@@ -191,12 +198,7 @@ def test_killed_run_leaves_nothing_loadable_and_rerun_succeeds(tmp_path, sp_mode
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            bins = [p for p in temp_files(prefix) if ".bin.tmp-" in p]
-            if bins and os.path.getsize(bins[0]) > 0:
-                break
-            time.sleep(0.005)
+        wait_until_writing(proc, prefix)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the main process only: workers must not hang on
         proc.wait()

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from pipeline_helpers import PYTHON, ROOT, load_tool, write_jsonl
+from pipeline_helpers import PYTHON, ROOT, load_tool, wait_until_writing, write_jsonl
 
 from megatron_longctx.data.corpora.stdlib_corpus import write_stdlib_jsonl
 from megatron_longctx.data.formats.indexed_writer import temp_files
@@ -139,12 +138,7 @@ def test_killed_shard_leaves_nothing_and_rerun_finishes_it(tmp_path, tools, sp_m
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prefix = str(tmp_path / "s_shard00001_text_document")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            bins = [p for p in temp_files(prefix) if ".bin.tmp-" in p]
-            if bins and os.path.getsize(bins[0]) > 0:
-                break
-            time.sleep(0.005)
+        wait_until_writing(proc, prefix)
         assert proc.poll() is None, "shard 1 finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
