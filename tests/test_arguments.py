@@ -110,3 +110,25 @@ def test_megatron_underscore_spellings_are_accepted():
     assert cfg.checkpoint.load_optim is False
     assert cfg.training.check_for_nan_in_loss_and_grad is False
     assert cfg.training.iterations == 64 // cfg.training.global_batch_size
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--cp-partition", "documents"], "--cp-partition must be auto, sequence or document"),
+    (["--cp-partition", "document"], "--cp-partition document .* needs --reset-attention-mask"),
+])
+def test_cp_partition_is_checked(flags, match):
+    cfg, _ = parse_config(["--data-path", "stdlib", "--context-parallel-size", "2",
+                           "--train-iters", "1", *flags])
+    with pytest.raises(ValueError, match=match):
+        cfg.validate(2)
+
+
+def test_cp_partition_auto_partitions_documents_only_where_te_attends():
+    cfg, _ = parse_config(["--data-path", "stdlib", "--context-parallel-size", "2",
+                           "--train-iters", "1", "--reset-attention-mask"])
+    cfg.validate(2)
+    assert not cfg.cp_document_partition()  # no Transformer Engine here: whole-sample chunks
+    cfg.parallel.cp_partition = "document"
+    assert cfg.cp_document_partition()
+    cfg.parallel.context_parallel_size = 1
+    assert not cfg.cp_document_partition()  # one rank: nothing to partition

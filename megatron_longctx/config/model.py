@@ -101,6 +101,10 @@ class ParallelConfig:
     context_parallel_size: int = 1
     # Transformer Engine's CP exchange (GPU + TE only); without TE, CP all-gathers keys/values
     cp_comm_type: str = "p2p"
+    # how CP splits packed documents (--reset-attention-mask): "sequence" cuts the whole sample
+    # into 2*cp chunks, "document" cuts every document (Transformer Engine's THD layout, each
+    # document padded to a multiple of 2*cp); "auto": document where TE attends, else sequence
+    cp_partition: str = "auto"
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # megatron-core DDP: overlap the gradient reduce with the backward pass and (distributed
@@ -162,6 +166,9 @@ class ParallelConfig:
         if self.cp_comm_type not in ("p2p", "all_gather", "a2a", "a2a+p2p"):
             raise ValueError(f"--cp-comm-type must be p2p, all_gather, a2a or a2a+p2p, got "
                              f"{self.cp_comm_type!r}")
+        if self.cp_partition not in ("auto", "sequence", "document"):
+            raise ValueError(f"--cp-partition must be auto, sequence or document, got "
+                             f"{self.cp_partition!r}")
         if self.distributed_backend not in (None, "nccl", "gloo"):
             raise ValueError(f"--distributed-backend must be nccl or gloo, got "
                              f"{self.distributed_backend!r}")

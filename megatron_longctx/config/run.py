@@ -45,23 +45,29 @@ class RunConfig:
                              "; give one of them")
         import torch
 
-        from megatron_longctx.model.gpu_kernels import use_transformer_engine, uses_flex_attention
+        from megatron_longctx.model.gpu_kernels import uses_flex_attention
 
         m, cp = self.model, self.parallel.context_parallel_size
         if m.attention_backend == "local" and m.transformer_impl == "transformer_engine":
             raise ValueError("--attention-backend local is megatron-core's local attention; it "
                              "needs --transformer-impl local (as in Megatron-LM)")
+        if (self.parallel.cp_partition == "document" and cp > 1
+                and not self.data.reset_attention_mask):
+            raise ValueError("--cp-partition document splits packed documents across CP ranks; "
+                             "it needs --reset-attention-mask (or use --cp-partition auto)")
         unfused = m.attention_backend in ("unfused", "local")
-        te = use_transformer_engine(m.transformer_impl) and m.attention_backend not in (
-            "local", "flex")
+        te = self._te_attention()
         flex = uses_flex_attention(m.attention_backend, te)
+        # Transformer Engine takes packed documents in its THD format without CP, and with CP
+        # under the per-document partition
+        te_documents = te and (cp == 1 or self.cp_document_partition())
         if m.attention_backend == "flex" and not torch.cuda.is_available():
             raise ValueError("--attention-backend flex: torch has no FlexAttention backward on "
                              "CPU; train with --attention-backend auto (it serves evaluation)")
         # our document/CP path (blockwise flash, or FlexAttention): document masks always, CP
         # without Transformer Engine; flex also takes plain causal attention
-        ours = not unfused and (self.data.reset_attention_mask or (cp > 1 and not te) or
-                                m.attention_backend == "flex")
+        ours = not unfused and ((self.data.reset_attention_mask and not te_documents) or
+                                (cp > 1 and not te) or m.attention_backend == "flex")
         if ours and m.attention_dropout > 0:
             raise ValueError(f"--attention-dropout {m.attention_dropout} with "
                              f"--reset-attention-mask, --context-parallel-size > 1 or "
@@ -79,6 +85,24 @@ class RunConfig:
         if self.training.optimizer == "sgd" and self.parallel.use_distributed_optimizer:
             raise ValueError("--use-distributed-optimizer supports --optimizer adam only "
                              "(megatron-core); drop one of them")
+
+    def _te_attention(self) -> bool:
+        """Whether Transformer Engine's attention runs here (CUDA with TE, not turned off)."""
+        from megatron_longctx.model.gpu_kernels import use_transformer_engine
+
+        m = self.model
+        return use_transformer_engine(m.transformer_impl) and m.attention_backend not in (
+            "local", "flex")
+
+    def cp_document_partition(self) -> bool:
+        """Whether context parallelism splits each packed document (``--cp-partition``;
+        ``auto``: where Transformer Engine attends, whose THD format with CP needs it)."""
+        p = self.parallel
+        if p.context_parallel_size == 1 or not self.data.reset_attention_mask:
+            return False
+        if p.cp_partition == "auto":
+            return self._te_attention()
+        return p.cp_partition == "document"
 
     def _check_position_transform(self) -> None:
         from megatron_longctx.methods.position_transform import TRANSFORMS

@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -26,8 +28,16 @@ from torch import Tensor
 
 from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import gather_sequence, local_query_chunks
+from megatron_longctx.model.document_partition import (
+    DocumentLayout,
+    partition_documents,
+    thd_cu_seqlens,
+)
 from megatron_longctx.model.flex_attention import flex_document_attention
-from megatron_longctx.model.gpu_kernels import transformer_engine_attention, uses_flex_attention
+from megatron_longctx.model.gpu_kernels import (
+    transformer_engine_core_attention,
+    uses_flex_attention,
+)
 from megatron_longctx.model.kv_cache import KVCache
 from megatron_longctx.model.unfused_attention import unfused_attention
 from megatron_longctx.rope.apply import RotaryTables, apply_rotary
@@ -38,12 +48,15 @@ class AttentionContext(PackedSeqParams):
     """Per-micro-batch attention inputs.
 
     ``doc_starts[b]``: sorted global start positions of the packed documents of sample ``b``
-    (attention stays within a document); None for plain causal attention. ``kv_cache``: during
-    generation, the keys/values of earlier tokens (see :mod:`..kv_cache`).
+    (attention stays within a document); None for plain causal attention. ``documents[b]``:
+    under ``--cp-partition document``, sample ``b``'s per-document CP layout (its
+    ``doc_starts`` are then slot positions, see :mod:`.document_partition`). ``kv_cache``:
+    during generation, the keys/values of earlier tokens (see :mod:`..kv_cache`).
     """
 
     rotary: RotaryTables | None = None
     doc_starts: list[list[int]] | None = None
+    documents: list[DocumentLayout] | None = None
     kv_cache: KVCache | None = None
 
 
@@ -69,10 +82,7 @@ class CoreAttention(MegatronModule):
         # --transformer-impl picks Transformer Engine (set only where it is usable, model.gpt);
         # --attention-backend then picks TE's kernel (megatron-core sets NVTE_*_ATTN), or ours
         explicit_flex = getattr(config, "flex_attention_backend", False)
-        te_attention = (transformer_engine_attention()
-                        if config.transformer_impl == "transformer_engine"
-                        and config.attention_backend != AttnBackend.local
-                        and not explicit_flex else None)
+        te_attention = transformer_engine_core_attention(config)
         self.te_attention = None if te_attention is None else te_attention(
             config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
             attention_type=attention_type, attention_dropout=attention_dropout,
@@ -104,23 +114,40 @@ class CoreAttention(MegatronModule):
         if cache is not None:
             return self._attend_with_cache(query, key, value, cache)
         doc_starts = getattr(packed_seq_params, "doc_starts", None)
-        if self.te_attention is not None and doc_starts is None:
+        documents = getattr(packed_seq_params, "documents", None)
+        cp_size = self.config.context_parallel_size
+        if self.te_attention is not None:
             # TE handles causal masking and, under CP, the exchange across ranks itself
-            return self.te_attention(query, key, value, None, attn_mask_type=AttnMaskType.causal)
+            if doc_starts is None:
+                return self.te_attention(query, key, value, None,
+                                         attn_mask_type=AttnMaskType.causal)
+            if documents is not None or cp_size == 1:  # packed documents: TE's THD format
+                documents = documents or [partition_documents(starts, s, 1)
+                                          for starts in doc_starts]
+                return self._te_packed(query, key, value, documents)
         dropout = self.dropout if self.training else 0.0
         if self.unfused:
-            key, value, chunks = self._global_keys(key, value, s)
-            return unfused_attention(query, key, value, self.softmax_scale, chunks, doc_starts,
-                                     dropout, fork_rng=not self.config.sequence_parallel)
-        if self.config.context_parallel_size > 1 or doc_starts is not None or \
-                self.flex_everywhere:
+            attend = partial(unfused_attention, dropout=dropout,
+                             fork_rng=not self.config.sequence_parallel)
+        elif cp_size > 1 or doc_starts is not None or self.flex_everywhere:
             if dropout > 0.0:
                 raise ValueError("--attention-dropout with document masks, context "
                                  "parallelism or FlexAttention needs --attention-backend "
                                  "unfused")
-            key, value, chunks = self._global_keys(key, value, s)
             attend = flex_document_attention if self.flex else document_causal_attention
-            return attend(query, key, value, self.softmax_scale, chunks, doc_starts)
+        else:
+            attend = None
+        if attend is not None:
+            key, value = self._global_keys(key, value, documents)
+            if documents is None:
+                return attend(query, key, value, self.softmax_scale,
+                              self._query_chunks(s), doc_starts)
+            rank = dist.get_rank(self._cp_group())
+            # each sample has its own layout: one call per sample (long context: b is 1)
+            outs = [attend(query[:, i:i + 1], key[:, i:i + 1], value[:, i:i + 1],
+                           self.softmax_scale, layout.rank_chunks(rank), [doc_starts[i]])
+                    for i, layout in enumerate(documents)]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         # dropout draws from the model-parallel RNG (each TP rank holds other heads), as
         # Megatron-LM's DotProductAttention; with sequence parallelism megatron-core forks
@@ -133,16 +160,44 @@ class CoreAttention(MegatronModule):
             )  # [b, np, s, hn]
         return out.permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
 
-    def _global_keys(self, key: Tensor, value: Tensor, s: int
-                     ) -> tuple[Tensor, Tensor, list[tuple[int, int, int]]]:
-        """Keys/values of the whole sequence (all-gathered across CP ranks) and this rank's
-        query chunks ``(local_start, local_end, global_start)``."""
+    def _cp_group(self):
+        return self.cp_group or parallel_state.get_context_parallel_group()
+
+    def _global_keys(self, key: Tensor, value: Tensor,
+                     documents: list[DocumentLayout] | None = None) -> tuple[Tensor, Tensor]:
+        """Keys/values of the whole sequence: all-gathered across CP ranks into global order
+        (slot order under the per-document layout ``documents``)."""
+        if self.config.context_parallel_size == 1:
+            return key, value
+        group = self._cp_group()
+        return gather_sequence(key, group, documents), gather_sequence(value, group, documents)
+
+    def _query_chunks(self, s: int) -> list[tuple[int, int, int]]:
+        """This rank's query chunks ``(local_start, local_end, global_start)`` (sample-level
+        layout)."""
         cp_size = self.config.context_parallel_size
         if cp_size == 1:
-            return key, value, [(0, s, 0)]
-        group = self.cp_group or parallel_state.get_context_parallel_group()
-        key, value = gather_sequence(key, group), gather_sequence(value, group)
-        return key, value, local_query_chunks(dist.get_rank(group), cp_size, s)
+            return [(0, s, 0)]
+        return local_query_chunks(dist.get_rank(self._cp_group()), cp_size, s)
+
+    def _te_packed(self, query: Tensor, key: Tensor, value: Tensor,
+                   documents: list[DocumentLayout]) -> Tensor:
+        """Packed documents on TE: the micro-batch as one THD sequence (sample after sample,
+        each sample's documents at their slots; under CP this rank's slots of each, which is
+        TE's ``thd_get_partitioned_indices`` order) with global ``cu_seqlens``."""
+        s, b, heads, dim = query.shape
+        real, padded = thd_cu_seqlens(documents)
+        as_int32 = partial(torch.tensor, dtype=torch.int32, device=query.device)
+        longest = max(max(layout.padded) for layout in documents)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=as_int32(real),
+                                 cu_seqlens_kv=as_int32(real), cu_seqlens_q_padded=as_int32(padded),
+                                 cu_seqlens_kv_padded=as_int32(padded), max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
+        q, k, v = (t.transpose(0, 1).reshape(b * s, *t.shape[2:]) for t in (query, key, value))
+        # megatron-core turns causal into TE's padding_causal for THD
+        out = self.te_attention(q, k, v, None, attn_mask_type=AttnMaskType.causal,
+                                packed_seq_params=params)  # [b * s, np * hn]
+        return out.reshape(b, s, heads * dim).transpose(0, 1)
 
     def _attend_with_cache(self, query: Tensor, key: Tensor, value: Tensor, cache: KVCache
                            ) -> Tensor:
@@ -150,7 +205,8 @@ class CoreAttention(MegatronModule):
         tokens replicated on every CP rank, queries at global positions from ``offset``)."""
         s = query.shape[0]
         if cache.offset == 0:
-            key, value, chunks = self._global_keys(key, value, s)
+            key, value = self._global_keys(key, value)
+            chunks = self._query_chunks(s)
         else:
             chunks = [(0, s, cache.offset)]
         key, value = cache.update(self.layer_number, key, value)

@@ -20,6 +20,7 @@ from torch import Tensor
 from megatron_longctx.config import ModelConfig, ParallelConfig, TrainingConfig
 from megatron_longctx.model.attention import AttentionContext
 from megatron_longctx.model.chunked_loss import chunked_cross_entropy, logits_chunk_tokens
+from megatron_longctx.model.document_partition import DocumentLayout
 from megatron_longctx.model.gpu_kernels import (
     gradient_accumulation_fusion_available,
     use_transformer_engine,
@@ -152,9 +153,10 @@ class LongContextGPTModel(GPTModel):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, doc_starts: list[list[int]] | None = None,
                 rope_seq_len: int | None = None, kv_cache: KVCache | None = None,
-                **kwargs) -> Tensor:
+                documents: list[DocumentLayout] | None = None, **kwargs) -> Tensor:
         """input_ids, position_ids, labels: ``[b, s]`` (this CP rank's tokens, with their global
-        positions). ``doc_starts``: global document starts per sample (packed samples).
+        positions). ``doc_starts``: global document starts per sample (packed samples);
+        ``documents``: their per-document CP layouts (``--cp-partition document``).
         ``rope_seq_len``: the full sequence length for length-dependent RoPE under CP (and the
         final length during generation). ``kv_cache``: generation's cache (``input_ids`` are
         then the tokens after the cached ones).
@@ -162,7 +164,7 @@ class LongContextGPTModel(GPTModel):
         ``[b, s, vocab / tp]``."""
         tables = self.rotary(position_ids, dtype=self.config.params_dtype, seq_len=rope_seq_len)
         context = AttentionContext(qkv_format="sbhd", rotary=tables, doc_starts=doc_starts,
-                                   kv_cache=kv_cache)
+                                   documents=documents, kv_cache=kv_cache)
         return super().forward(input_ids, position_ids, attention_mask, labels=labels,
                                packed_seq_params=context, **kwargs)
 

@@ -37,6 +37,19 @@ def transformer_engine_attention() -> type | None:
     return TEDotProductAttention if HAVE_TE else None
 
 
+def transformer_engine_core_attention(config) -> type | None:
+    """TE's attention class when a model of this megatron-core ``config`` attends with it:
+    ``--transformer-impl transformer_engine`` (set only where TE is usable, ``model.gpt``) and
+    ``--attention-backend`` other than ``local`` and our ``flex``; else None."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    if (config.transformer_impl != "transformer_engine"
+            or config.attention_backend == AttnBackend.local
+            or getattr(config, "flex_attention_backend", False)):
+        return None
+    return transformer_engine_attention()
+
+
 def transformer_engine_spec_provider():
     """megatron-core's ``TESpecProvider`` (which TE module fills each layer slot, as its
     ``get_gpt_layer_with_transformer_engine_spec`` uses it) when TE is usable here, else None."""

@@ -5,7 +5,7 @@ and pipeline middle stages read nothing. What each stage needs differs from Mega
 our model computes its rotary tables from explicit ``position_ids`` in *every* stage (megatron-
 core's from the length alone) and document-causal attention needs ``doc_starts`` in every layer:
 
-    every stage:  position_ids [b, s/cp], doc_starts, rope_seq_len
+    every stage:  position_ids [b, s/cp], doc_starts, rope_seq_len (+ documents: per-document CP)
     first stage:  + tokens [b, s/cp]                      (the embedding)
     last stage:   + labels, loss_mask [b, s/cp], source [b]  (the loss, by position and source)
 
@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_longctx.model.context_parallel import slice_for_cp_rank
+from megatron_longctx.model.document_partition import lay_out, partition_documents
 
 FIRST_STAGE_ONLY = frozenset({"tokens"})
 LAST_STAGE_ONLY = frozenset({"labels", "loss_mask", "source"})
@@ -46,16 +47,29 @@ def reads_from_disk(tp_rank: int, first: bool, last: bool) -> bool:
     return tp_rank == 0 and (first or last)
 
 
-def local_fields(batch: dict, first: bool, last: bool, cp_rank: int, cp_size: int) -> dict:
+def local_fields(batch: dict, first: bool, last: bool, cp_rank: int, cp_size: int,
+                 document_partition: bool = False) -> dict:
     """This stage's fields of a full micro-batch, per-token ones (``[b, s]``) cut to this CP
     rank's slice ``[b, s / cp]``; ``rope_seq_len`` is taken before the cut, since length-
-    dependent RoPE needs the whole sequence's length."""
+    dependent RoPE needs the whole sequence's length.
+
+    ``document_partition`` (CP > 1, packed documents): the slice is this rank's part of every
+    document (:mod:`..model.document_partition`); ``doc_starts`` become slot positions and
+    ``documents`` holds each sample's layout."""
     out = {"rope_seq_len": int(batch["position_ids"].max()) + 1}
+    layouts = None
+    if document_partition and cp_size > 1:
+        s = batch["position_ids"].shape[1]
+        layouts = [partition_documents(starts, s, cp_size) for starts in batch["doc_starts"]]
+        out["documents"] = layouts
     for key, value in batch.items():
         if not stage_needs(key, first, last):
             continue
-        if isinstance(value, Tensor) and value.dim() >= 2:
-            value = slice_for_cp_rank(value, cp_rank, cp_size).contiguous()
+        if layouts is not None and key == "doc_starts":
+            value = [layout.mask_starts() for layout in layouts]
+        elif isinstance(value, Tensor) and value.dim() >= 2:
+            value = (slice_for_cp_rank(value, cp_rank, cp_size) if layouts is None
+                     else lay_out(value, layouts, cp_rank, fill=0)).contiguous()
         out[key] = value
     return out
 
@@ -87,8 +101,9 @@ def broadcast_micro_batches(micro: list[dict] | None, src: int, group) -> list[d
 class StageBatches:
     """This rank's part of each micro-batch, under the current megatron-core groups."""
 
-    def __init__(self):
+    def __init__(self, document_partition: bool = False):
         ps = parallel_state
+        self.document_partition = document_partition
         self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
@@ -99,7 +114,8 @@ class StageBatches:
 
     def prepare(self, batch: dict) -> dict:
         """A collated micro-batch cut to this stage's fields and CP slice (reading ranks)."""
-        return local_fields(batch, self.first, self.last, self.cp_rank, self.cp_size)
+        return local_fields(batch, self.first, self.last, self.cp_rank, self.cp_size,
+                            self.document_partition)
 
     def micro_batches(self, read: Callable[[], list[dict]]) -> list[dict]:
         """``read()`` (prepared micro-batches) is called on reading ranks only; every rank

@@ -94,7 +94,7 @@ class Trainer:
         # --dataloader-type: cyclic reshuffles every epoch, single keeps the dataset's order
         self.sampler = self._sampler(dataset, shuffle=cfg.data.dataloader_type == "cyclic")
         # one rank per TP group reads (first and last stages), the others receive
-        self.stage = StageBatches()
+        self.stage = StageBatches(document_partition=cfg.cp_document_partition())
         self.loader = (PrefetchingLoader(dataset, self.sampler, cfg.data.num_workers,
                                          self.stage.prepare)
                        if cfg.data.num_workers > 0 and self.stage.reads else None)
@@ -137,7 +137,7 @@ class Trainer:
         doc_starts = batch.get("doc_starts") if self.cfg.data.reset_attention_mask else None
         output = model(local.get("tokens"), local["position_ids"], None,
                        labels=local.get("labels"), doc_starts=doc_starts,
-                       rope_seq_len=batch["rope_seq_len"])
+                       rope_seq_len=batch["rope_seq_len"], documents=batch.get("documents"))
         if "loss_mask" not in local:  # not the last stage: megatron-core computes no loss here
             return output, None
         buckets = torch.bucketize(local["position_ids"].reshape(-1), self._bucket_bounds,

@@ -137,7 +137,7 @@ def test_core_attention_picks_flex_for_documents_without_te():
     from megatron_longctx.model.gpu_kernels import transformer_engine_attention
 
     if transformer_engine_attention() is not None:
-        pytest.skip("Transformer Engine is installed: documents go to the blockwise path")
+        pytest.skip("Transformer Engine is installed: documents go to its THD format")
     core = core_attention("auto")
     assert core.flex and not core.flex_everywhere
     q, k, v, _ = (t.cuda().to(torch.bfloat16) for t in inputs())
@@ -146,3 +146,27 @@ def test_core_attention_picks_flex_for_documents_without_te():
                                                                      doc_starts=DOCS))
         direct = flex_document_attention(q, k, v, SCALE, [(0, S, 0)], DOCS)
     assert torch.equal(out, direct)
+
+
+def test_te_thd_packed_documents_match_float64():
+    """With Transformer Engine, packed documents go to its attention in the THD format (the
+    micro-batch as one pack, ``cu_seqlens`` from the document starts), bf16 forward and
+    backward against the float64 reference."""
+    from megatron_longctx.model.gpu_kernels import transformer_engine_attention
+
+    if transformer_engine_attention() is None:
+        pytest.skip("Transformer Engine is not installed")
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
+                               num_query_groups=GROUPS, kv_channels=DIM, attention_dropout=0.0,
+                               transformer_impl="transformer_engine", bf16=True,
+                               params_dtype=torch.bfloat16)
+    core = CoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                         attention_type="self").cuda()
+    assert core.te_attention is not None
+    context = AttentionContext(qkv_format="sbhd", doc_starts=DOCS)
+    got = attend(lambda q, k, v, c, d: core(q, k, v, None, packed_seq_params=context),
+                 torch.bfloat16, "cp1", True)
+    tol_out, tol_grad = TOLERANCE[torch.bfloat16]
+    errors = {what: rel(g, r) for what, g, r in
+              zip(("out", "dq", "dk", "dv"), got, reference(torch.bfloat16, "cp1", True))}
+    assert errors["out"] <= tol_out and max(errors.values()) <= tol_grad, errors

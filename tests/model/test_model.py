@@ -1,6 +1,9 @@
 """Single-process model: forward/backward shapes and gradients, and real learning."""
 
+import pytest
 import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.samples.token_dataset import TokenStreamDataset, stdlib_token_stream
@@ -71,31 +74,75 @@ def test_packed_documents_equal_separate_runs(model_parallel):
     assert not torch.allclose(packed[:, 8:], unmasked[:, 8:], atol=1e-3)
 
 
-def test_transformer_engine_attention_is_used_only_where_it_applies(model_parallel, monkeypatch):
-    """With TE (faked here: no GPU on CI), plain causal attention goes to TE's kernel with the
-    CP settings; packed documents keep our blockwise path."""
-    from megatron_longctx.model import attention as attention_module
+class FakeTEAttention(torch.nn.Module):
+    """megatron-core's ``TEDotProductAttention`` contract, computed with torch: ``sbhd``
+    causal attention (output zeros: only the call is checked), or for ``qkv_format="thd"``
+    ``q [t, np, hn]`` with sequence ``i`` at slots ``cu_seqlens_q_padded[i]`` onwards,
+    ``cu_seqlens_q[i + 1] - cu_seqlens_q[i]`` real tokens long, -> ``[t, np * hn]``."""
 
-    calls = []
+    calls: list = []
 
-    class FakeTE(torch.nn.Module):
-        def __init__(self, **kwargs):
-            super().__init__()
-            calls.append(("init", kwargs["cp_comm_type"], kwargs["attn_mask_type"]))
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.calls.append(("init", kwargs["cp_comm_type"], kwargs["attn_mask_type"]))
 
-        def forward(self, q, k, v, mask, attn_mask_type=None):
-            calls.append(("forward", attn_mask_type))
+    def forward(self, q, k, v, mask, attn_mask_type=None, packed_seq_params=None):
+        if packed_seq_params is None:
+            self.calls.append(("forward", attn_mask_type))
             return torch.zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
+        p = packed_seq_params
+        self.calls.append(("thd", attn_mask_type, p.qkv_format))
+        assert p.cu_seqlens_q.dtype == torch.int32 and torch.equal(p.cu_seqlens_q,
+                                                                   p.cu_seqlens_kv)
+        out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2])
+        real, padded = p.cu_seqlens_q.tolist(), p.cu_seqlens_q_padded.tolist()
+        assert padded[-1] == q.shape[0]
+        for i, start in enumerate(padded[:-1]):
+            rows = slice(start, start + real[i + 1] - real[i])
+            assert max(real[i + 1] - real[i], padded[i + 1] - start) <= p.max_seqlen_q
+            one = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]  # [1, h, n, d]
+            o = F.scaled_dot_product_attention(*one, is_causal=True, enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1).reshape(o.shape[2], -1)
+        return out
 
-    from megatron_longctx.model import gpu_kernels
 
-    monkeypatch.setattr(attention_module, "transformer_engine_attention", lambda: FakeTE)
+@pytest.fixture
+def fake_te(monkeypatch):
+    """Transformer Engine "usable" (no GPU on CI): its attention faked, the local layers
+    around it (TE's own layers cannot be built here)."""
+    from megatron_longctx.model import gpu_kernels, layer_spec
+
+    FakeTEAttention.calls = []
     # --transformer-impl: TE where usable (megatron_longctx.model.gpu_kernels)
-    monkeypatch.setattr(gpu_kernels, "transformer_engine_attention", lambda: FakeTE)
-    # TE's layers cannot be built here: the local layers around the (fake) TE attention
-    from megatron_longctx.model import layer_spec
-
+    monkeypatch.setattr(gpu_kernels, "transformer_engine_attention", lambda: FakeTEAttention)
     monkeypatch.setattr(layer_spec, "transformer_engine_spec_provider", lambda: None)
+    return FakeTEAttention.calls
+
+
+def test_packed_documents_on_te_thd_equal_our_attention(model_parallel, fake_te):
+    """Without CP, packed documents go to TE in its THD format (two samples as one pack):
+    the same loss as our blockwise path on the same weights."""
+    torch.manual_seed(0)
+    cfg = RunConfig()
+    model = build_model(cfg.model, cfg.parallel).eval()
+    starts = [[0, 7, 8, 30], [0, 40]]
+    tokens = torch.randint(0, 256, (2, 64))
+    positions = torch.stack([torch.cat([torch.arange(b - a) for a, b in
+                                        zip(s, [*s[1:], 64])]) for s in starts])
+    with torch.no_grad():
+        on_te = model(tokens, positions, None, labels=tokens, doc_starts=starts)
+        assert [c[0] for c in fake_te[cfg.model.num_layers:]] == ["thd"] * cfg.model.num_layers
+        assert fake_te[-1][1:] == (AttnMaskType.causal, "thd")
+        for layer in model.decoder.layers:
+            layer.self_attention.core_attention.te_attention = None
+        ours = model(tokens, positions, None, labels=tokens, doc_starts=starts)
+    torch.testing.assert_close(on_te, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_engine_attention_is_used_only_where_it_applies(model_parallel, fake_te):
+    """With TE (faked here: no GPU on CI), plain causal attention goes to TE's kernel with the
+    CP settings, packed documents too (THD format, above)."""
+    calls = fake_te
     for impl, backend in (("local", "auto"), (None, "local")):  # TE not wanted: never built
         cfg = RunConfig()
         cfg.model.transformer_impl, cfg.model.attention_backend = impl, backend
@@ -113,4 +160,4 @@ def test_transformer_engine_attention_is_used_only_where_it_applies(model_parall
         assert [c[0] for c in calls[cfg.model.num_layers:]] == ["forward"] * cfg.model.num_layers
         calls.clear()
         model(tokens, positions, None, doc_starts=[[0, 5]])
-    assert calls == []
+    assert [c[0] for c in calls] == ["thd"] * cfg.model.num_layers

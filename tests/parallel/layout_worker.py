@@ -48,6 +48,9 @@ VARIANTS = {
     "default_masked_chunks": ("default", "masked_chunks"),
     # LongRecipe windows: positions span 4x the sequence, whose length dynamic RoPE depends on
     "dynamic_longrecipe": ("dynamic", "longrecipe"),
+    # packed documents, the loss masked on the tail that the per-document CP=2 layout (each
+    # document padded to a multiple of 4) pushes out of the sample
+    "harpe_docs_tail": ("harpe", "docs_tail"),
 }
 # layout -> (variant, parallel settings, world size)
 LAYOUTS = {
@@ -71,6 +74,11 @@ LAYOUTS = {
     "pp2_recompute_full": ("default", dict(pipeline_model_parallel_size=2), 2),
     "cp2_longrecipe": ("dynamic_longrecipe", dict(context_parallel_size=2), 2),
     "pp2_longrecipe": ("dynamic_longrecipe", dict(pipeline_model_parallel_size=2), 2),
+    # each document cut into 2*cp chunks (Transformer Engine's THD layout), on our kernels
+    "cp2_docs_document_partition": ("harpe_docs_tail", dict(context_parallel_size=2,
+                                                             cp_partition="document"), 2),
+    "tp2_cp2_docs_document_partition": ("harpe_docs_tail", dict(
+        tensor_model_parallel_size=2, context_parallel_size=2, cp_partition="document"), 4),
 }
 
 
@@ -87,7 +95,7 @@ def config(variant: str, **parallel) -> RunConfig:
     m.rope_parameters = ROPES[rope]
     t.seq_length, t.micro_batch_size, t.global_batch_size = SEQ, 2, 8  # 4 micro-batches at DP=1
     t.train_iters, t.lr, t.min_lr, t.lr_warmup_iters = STEPS, 1e-3, 1e-4, 1
-    if data == "docs":
+    if data in ("docs", "docs_tail"):
         cfg.data.reset_attention_mask = cfg.data.reset_position_ids = True
         cfg.data.eod_mask_loss = True
     for key, value in parallel.items():
@@ -105,21 +113,38 @@ def layout_config(name: str) -> RunConfig:
     return cfg
 
 
-class _MaskChunks(torch.utils.data.Dataset):
-    """Blank the loss on chunks 1 and 2 of 4: all of CP rank 1's tokens at CP=2."""
+class _MaskLoss(torch.utils.data.Dataset):
+    """The inner samples with the loss blanked where ``blank(sample)`` (bool ``[s]``) says."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, blank):
+        self.inner, self.blank = inner, blank
 
     def __len__(self):
         return len(self.inner)
 
     def __getitem__(self, i):
         sample = dict(self.inner[i])
-        mask = sample["loss_mask"].clone()
-        mask[SEQ // 4:3 * SEQ // 4] = 0.0
-        sample["loss_mask"] = mask
+        sample["loss_mask"] = sample["loss_mask"].masked_fill(self.blank(sample), 0.0)
         return sample
+
+
+def _cp_rank1_chunks(sample) -> torch.Tensor:
+    """Chunks 1 and 2 of 4: all of CP rank 1's tokens at CP=2."""
+    blank = torch.zeros(SEQ, dtype=torch.bool)
+    blank[SEQ // 4:3 * SEQ // 4] = True
+    return blank
+
+
+def _padded_out_tail(sample) -> torch.Tensor:
+    """The tokens that padding each document to a multiple of 4 (CP=2's per-document layout)
+    pushes past the sample's end."""
+    blank = torch.zeros(SEQ, dtype=torch.bool)
+    starts, slot = sample["doc_starts"], 0
+    for a, b in zip(starts, [*starts[1:], SEQ]):
+        kept = max(0, min(b - a, SEQ - slot))
+        blank[a + kept:b] = True
+        slot += -(-kept // 4) * 4
+    return blank
 
 
 class _Documents:
@@ -150,7 +175,7 @@ def dataset(cfg: RunConfig, variant: str):
         options = SampleOptions(SEQ, eod=ByteTokenizer.eod, position_transform=PositionTransform(
             "longrecipe", 4 * SEQ, seed=1, sentence_ends=sentence_end_table(ByteTokenizer())))
         return DocumentWindows("stdlib", _Documents(docs), np.arange(len(docs)), 64, options)
-    if data == "docs":
+    if data in ("docs", "docs_tail"):
         # short real-text documents (3-40 bytes), several per sample, some crossing CP chunks
         rng = np.random.default_rng(0)
         text = "".join(stdlib_documents(max_docs=5)).encode()
@@ -159,9 +184,10 @@ def dataset(cfg: RunConfig, variant: str):
             n = int(rng.integers(3, 40))
             parts += [np.frombuffer(text[pos:pos + n], np.uint8).astype(np.int32), [257]]
             pos += n
-        return TokenStreamDataset(np.concatenate(parts).astype(np.int32), SEQ, options)
+        docs = TokenStreamDataset(np.concatenate(parts).astype(np.int32), SEQ, options)
+        return _MaskLoss(docs, _padded_out_tail) if data == "docs_tail" else docs
     plain = TokenStreamDataset(stdlib_token_stream(max_docs=40), SEQ, options)
-    return _MaskChunks(plain) if data == "masked_chunks" else plain
+    return _MaskLoss(plain, _cp_rank1_chunks) if data == "masked_chunks" else plain
 
 
 def step0_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
@@ -202,7 +228,7 @@ def layouts(ref_path: str, out_dir: str, world: int) -> None:
         cfg.validate(dist.get_world_size())
         initialize_model_parallel(cfg.parallel, cfg.training.seed)
         trainer = Trainer(cfg, dataset(cfg, variant), init_state_dict=ref["state"])
-        result = {}
+        result = {"document_partition": trainer.stage.document_partition}
         if not cfg.parallel.use_distributed_optimizer:  # grads stay whole only without it
             loss0, grads = step0_grads(trainer)
             result["loss0_diff"] = abs(loss0 - ref["loss0"])

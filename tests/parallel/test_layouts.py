@@ -2,7 +2,8 @@
 TP=2, TP=2+SP, PP=2 (1F1B, 4 micro-batches), DP=2, DP=2 + distributed optimizer; HARPE (a
 different RoPE base per KV group, so per TP rank) under TP=2 and PP=2; context parallelism
 CP=2 for plain RoPE, HARPE and dynamic NTK, with and without packed-document attention, and
-with one CP rank's tokens fully loss-masked; TP=2 x CP=2 on 4 processes."""
+with one CP rank's tokens fully loss-masked; TP=2 x CP=2 on 4 processes; CP=2 and TP=2 x CP=2
+with every document cut across the CP ranks (``--cp-partition document``)."""
 
 import json
 import os
@@ -35,7 +36,9 @@ def layout_results(tmp_path_factory):
 def test_layout_matches_single_process(layout_results, layout):
     per_rank = layout_results[layout]
     assert len(per_rank) == LAYOUTS[layout][2]
+    cp_partition = LAYOUTS[layout][1].get("cp_partition", "auto")
     for rank, result in enumerate(per_rank):
+        assert result["document_partition"] == (cp_partition == "document"), result
         assert result["loss_max_abs_diff"] <= TOL, (rank, result)
         # the run must actually train, or equal losses would prove nothing
         assert result["losses"][-1] < result["losses"][0] - 0.05, result

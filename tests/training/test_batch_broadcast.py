@@ -54,6 +54,25 @@ def test_a_cp_rank_keeps_its_slice_and_the_whole_length_for_rope():
     assert set(middle) == {"position_ids", "doc_starts", "rope_seq_len"}
 
 
+def test_document_partition_gives_a_cp_rank_its_part_of_every_document():
+    s = 16
+    positions = torch.cat([torch.arange(5), torch.arange(11)])[None]  # documents 5 and 11 long
+    batch = {"tokens": torch.arange(100, 116)[None], "labels": torch.arange(101, 117)[None],
+             "loss_mask": torch.ones(1, s), "position_ids": positions, "doc_starts": [[0, 5]]}
+    # CP=2: documents padded to 8 slots each (5 -> 8, 11 -> the 8 left): 3 tokens drop out
+    # rank 1: chunks 1 and 2 of each document's 4 chunks of 2 slots: slots 2-5 and 10-13
+    local = local_fields(batch, True, True, cp_rank=1, cp_size=2, document_partition=True)
+    assert local["tokens"].tolist() == [[102, 103, 104, 0, 107, 108, 109, 110]]
+    assert local["labels"].tolist() == [[103, 104, 105, 0, 108, 109, 110, 111]]
+    assert local["loss_mask"].tolist() == [[1, 1, 1, 0, 1, 1, 1, 1]]  # the padding slot
+    assert local["position_ids"].tolist() == [[2, 3, 4, 0, 2, 3, 4, 5]]
+    assert local["rope_seq_len"] == 11  # the sample's own positions, before the layout
+    assert local["doc_starts"] == [[0, 5, 8]]  # in slots, padding as a document of its own
+    assert local["documents"][0].kept_tokens == 13
+    middle = local_fields(batch, False, False, cp_rank=0, cp_size=2, document_partition=True)
+    assert set(middle) == {"position_ids", "doc_starts", "documents", "rope_seq_len"}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Per run, each rank's reads and metrics (4 processes; ranks are TP-major: at TP=2,
