@@ -17,6 +17,7 @@ run of padding is its own "document" for our kernels, outside ``cu_seqlens`` for
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +133,19 @@ def thd_cu_seqlens(layouts: list[DocumentLayout]) -> tuple[list[int], list[int]]
 
 def gathered_to_global(layouts: list[DocumentLayout], device) -> Tensor:
     """``[s * b]`` int64: for each (slot, sample), in ``[s, b]`` order, its row in the
-    rank-major all-gather of the local ``[s / cp, b]`` tensors, flattened the same way."""
+    rank-major all-gather of the local ``[s / cp, b]`` tensors, flattened the same way.
+    Cached: every layer's key and value gathers of a micro-batch use the same index."""
+    return _gathered_to_global(tuple(layouts), torch.device(device))
+
+
+def global_to_local(layouts: list[DocumentLayout], cp_rank: int, device) -> Tensor:
+    """``[s / cp * b]`` int64: for each local (row, sample), its row in the flattened global
+    ``[s, b]`` tensor (cached as :func:`gathered_to_global`)."""
+    return _global_to_local(tuple(layouts), cp_rank, torch.device(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _gathered_to_global(layouts: tuple[DocumentLayout, ...], device: torch.device) -> Tensor:
     cp = layouts[0].cp_size
     s, b = layouts[0].seq_length, len(layouts)
     local = s // cp
@@ -143,9 +156,9 @@ def gathered_to_global(layouts: list[DocumentLayout], device) -> Tensor:
     return (where * b + torch.arange(b)).reshape(-1).to(device)
 
 
-def global_to_local(layouts: list[DocumentLayout], cp_rank: int, device) -> Tensor:
-    """``[s / cp * b]`` int64: for each local (row, sample), its row in the flattened global
-    ``[s, b]`` tensor."""
+@functools.lru_cache(maxsize=8)
+def _global_to_local(layouts: tuple[DocumentLayout, ...], cp_rank: int, device: torch.device
+                     ) -> Tensor:
     b = len(layouts)
     slots = torch.stack([layout.rank_slots(cp_rank) for layout in layouts], dim=1)  # [s/cp, b]
     return (slots * b + torch.arange(b)).reshape(-1).to(device)

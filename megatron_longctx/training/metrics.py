@@ -192,7 +192,10 @@ def console_line(iteration: int, train_iters: int, metrics: dict[str, float]) ->
     if "elapsed_ms_per_iteration" in m:
         s += f" elapsed time per iteration (ms): {m['elapsed_ms_per_iteration']:.1f} |"
     if "tflops_per_gpu" in m:
-        s += f" throughput per GPU (TFLOP/s/GPU): {m['tflops_per_gpu']:.1f} |"
+        # Megatron-LM's one decimal, but CPU runs (tenths of a TFLOP/s and less, beside a
+        # sizeable MFU against the CPU's measured peak) keep three significant digits
+        tflops = m["tflops_per_gpu"]
+        s += f" throughput per GPU (TFLOP/s/GPU): {tflops:{'.1f' if tflops >= 1 else '.3g'}} |"
     if "lr" in m:
         s += f" learning rate: {m['lr']:.6E} |"
     if "global_batch_size" in m:

@@ -2,10 +2,9 @@
 TE's ``thd_get_partitioned_indices`` kernel, token bookkeeping, the gather order, and
 attention on the layout against the float64 reference on the original sample."""
 
-import bisect
-
 import pytest
 import torch
+from fake_transformer_engine import te_partitioned_indices
 from test_blockwise_attention import dense_reference
 
 from megatron_longctx.model.blockwise_attention import document_causal_attention
@@ -26,19 +25,6 @@ CASES = [  # (doc_starts, seq_length, cp)
     ([0, 9, 18, 27, 36, 45, 54], 64, 4),  # padding pushes the last documents out
     ([0, 16, 32], 64, 2),  # nothing to pad
 ]
-
-
-def te_partitioned_indices(cu_seqlens_padded, total_tokens, world_size, rank):
-    """TransformerEngine's ``thd_partition_indices_kernel``, one token at a time."""
-    local_cu = [n // world_size for n in cu_seqlens_padded]
-    out = []
-    for token in range(total_tokens // world_size):
-        seq = bisect.bisect_right(local_cu, token) - 1
-        seq_len = local_cu[seq + 1] - local_cu[seq]
-        index = token - local_cu[seq]
-        offset = rank if index < seq_len // 2 else (world_size - 1) * 2 - rank
-        out.append(index + local_cu[seq] * world_size + seq_len // 2 * offset)
-    return out
 
 
 @pytest.mark.parametrize("starts,s,cp", CASES)

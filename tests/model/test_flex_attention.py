@@ -3,6 +3,8 @@ document-causal mask (full blocks entirely visible, skipped blocks entirely hidd
 output equals the blockwise flash path and a float64 reference (forward; torch has no CPU
 backward for FlexAttention, the GPU checks cover it)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from megatron_longctx.model.blockwise_attention import document_causal_attention
 from megatron_longctx.model.context_parallel import local_query_chunks
 from megatron_longctx.model.flex_attention import (
     BLOCK,
+    _compiled_kernel,
     document_block_mask,
     flex_attention_available,
     flex_document_attention,
@@ -93,6 +96,37 @@ def test_flex_equals_blockwise_and_float64(case):
         ref = ref.reshape(len(rows), batch, heads * dim)
         torch.testing.assert_close(flex.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(flex, blockwise, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_the_compiled_kernel_compiles_once_for_every_document_mask():
+    """The kernel CUDA runs (``torch.compile(flex_attention)``, compiled on the CPU here): a
+    new ``BlockMask`` per micro-batch (other documents, a per-document CP layout's many
+    chunks) reuses the one graph, and equals the eager kernel (fp32 1e-5)."""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megatron_longctx.model.document_partition import partition_documents
+
+    torch.manual_seed(0)
+    s, heads, groups, dim = 256, 4, 2, 16
+    q = torch.randn(1, heads, s // 2, dim)  # a CP=2 rank's rows
+    k, v = torch.randn(1, groups, s, dim), torch.randn(1, groups, s, dim)
+    per_document = partition_documents([0, 30, 31, 140], s, 2)
+    masks = [(local_query_chunks(0, 2, s // 2), [[0, 100, 130]]),
+             (local_query_chunks(1, 2, s // 2), [[0, 7]]),
+             (per_document.rank_chunks(1), [per_document.mask_starts()])]
+    masks = [document_block_mask(chunks, starts, 1, s // 2, s, "cpu")
+             for chunks, starts in masks]
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        compiled = [_compiled_kernel()(q, k, v, block_mask=m, enable_gqa=True) for m in masks]
+        # (eager flex_attention traces a graph of its own: counted apart)
+        assert counters["stats"]["unique_graphs"] - graphs == 1
+        for mask, out in zip(masks, compiled):
+            eager = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_training_through_flex_is_refused():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fake_transformer_engine import install as install_fake_te
 from megatron.core.transformer.enums import AttnMaskType
 
 from megatron_longctx.config import RunConfig
@@ -74,49 +74,10 @@ def test_packed_documents_equal_separate_runs(model_parallel):
     assert not torch.allclose(packed[:, 8:], unmasked[:, 8:], atol=1e-3)
 
 
-class FakeTEAttention(torch.nn.Module):
-    """megatron-core's ``TEDotProductAttention`` contract, computed with torch: ``sbhd``
-    causal attention (output zeros: only the call is checked), or for ``qkv_format="thd"``
-    ``q [t, np, hn]`` with sequence ``i`` at slots ``cu_seqlens_q_padded[i]`` onwards,
-    ``cu_seqlens_q[i + 1] - cu_seqlens_q[i]`` real tokens long, -> ``[t, np * hn]``."""
-
-    calls: list = []
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.calls.append(("init", kwargs["cp_comm_type"], kwargs["attn_mask_type"]))
-
-    def forward(self, q, k, v, mask, attn_mask_type=None, packed_seq_params=None):
-        if packed_seq_params is None:
-            self.calls.append(("forward", attn_mask_type))
-            return torch.zeros(q.shape[0], q.shape[1], q.shape[2] * q.shape[3])
-        p = packed_seq_params
-        self.calls.append(("thd", attn_mask_type, p.qkv_format))
-        assert p.cu_seqlens_q.dtype == torch.int32 and torch.equal(p.cu_seqlens_q,
-                                                                   p.cu_seqlens_kv)
-        out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2])
-        real, padded = p.cu_seqlens_q.tolist(), p.cu_seqlens_q_padded.tolist()
-        assert padded[-1] == q.shape[0]
-        for i, start in enumerate(padded[:-1]):
-            rows = slice(start, start + real[i + 1] - real[i])
-            assert max(real[i + 1] - real[i], padded[i + 1] - start) <= p.max_seqlen_q
-            one = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]  # [1, h, n, d]
-            o = F.scaled_dot_product_attention(*one, is_causal=True, enable_gqa=True)
-            out[rows] = o[0].transpose(0, 1).reshape(o.shape[2], -1)
-        return out
-
-
 @pytest.fixture
 def fake_te(monkeypatch):
-    """Transformer Engine "usable" (no GPU on CI): its attention faked, the local layers
-    around it (TE's own layers cannot be built here)."""
-    from megatron_longctx.model import gpu_kernels, layer_spec
-
-    FakeTEAttention.calls = []
-    # --transformer-impl: TE where usable (megatron_longctx.model.gpu_kernels)
-    monkeypatch.setattr(gpu_kernels, "transformer_engine_attention", lambda: FakeTEAttention)
-    monkeypatch.setattr(layer_spec, "transformer_engine_spec_provider", lambda: None)
-    return FakeTEAttention.calls
+    """Transformer Engine "usable" (no GPU on CI), its attention faked with torch."""
+    return install_fake_te(monkeypatch.setattr)
 
 
 def test_packed_documents_on_te_thd_equal_our_attention(model_parallel, fake_te):

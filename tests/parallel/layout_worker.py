@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from model.fake_transformer_engine import FakeTEAttention
+from model.fake_transformer_engine import install as install_fake_te
 
 from megatron_longctx.config import RunConfig
 from megatron_longctx.data.corpora.stdlib_corpus import stdlib_documents
@@ -79,6 +82,9 @@ LAYOUTS = {
                                                              cp_partition="document"), 2),
     "tp2_cp2_docs_document_partition": ("harpe_docs_tail", dict(
         tensor_model_parallel_size=2, context_parallel_size=2, cp_partition="document"), 4),
+    # the same through Transformer Engine's THD attention with CP (its contract faked with
+    # torch, tests/model/fake_transformer_engine.py): --cp-partition auto picks document
+    "cp2_docs_te_thd": ("harpe_docs_tail", dict(context_parallel_size=2), 2),
 }
 
 
@@ -224,25 +230,51 @@ def layouts(ref_path: str, out_dir: str, world: int) -> None:
         if layout_world != world:
             continue
         ref = refs[variant]
-        cfg = layout_config(name)
-        cfg.validate(dist.get_world_size())
-        initialize_model_parallel(cfg.parallel, cfg.training.seed)
-        trainer = Trainer(cfg, dataset(cfg, variant), init_state_dict=ref["state"])
-        result = {"document_partition": trainer.stage.document_partition}
-        if not cfg.parallel.use_distributed_optimizer:  # grads stay whole only without it
-            loss0, grads = step0_grads(trainer)
-            result["loss0_diff"] = abs(loss0 - ref["loss0"])
-            result["grad_max_abs_diff"] = max(
-                (g - ref["grads"][n]).abs().max().item() for n, g in grads.items())
-            result["grad_max_abs"] = max(ref["grads"][n].abs().max().item() for n in grads)
-            result["num_grads_compared"] = len(grads)
-            result["grads_finite"] = all(torch.isfinite(g).all().item() for g in grads.values())
-        losses = train_losses(trainer)
-        result["losses"] = losses
-        result["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
-        results[name] = result
+        faked = name.endswith("_te_thd")
+        with transformer_engine_faked(faked):
+            results[name] = run_layout(name, variant, ref)
+        if faked:  # the THD calls our attention made to (fake) TE
+            results[name]["te_thd_calls"] = sum(c[0] == "thd" for c in FakeTEAttention.calls)
     with open(os.path.join(out_dir, f"world{world}_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
+
+
+@contextmanager
+def transformer_engine_faked(on: bool):
+    """With ``on``, Transformer Engine "usable", its attention faked with torch."""
+    saved = []
+
+    def setattr_saving(obj, attr, value):
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    if on:
+        install_fake_te(setattr_saving)
+    try:
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+
+
+def run_layout(name: str, variant: str, ref: dict) -> dict:
+    cfg = layout_config(name)
+    cfg.validate(dist.get_world_size())
+    initialize_model_parallel(cfg.parallel, cfg.training.seed)
+    trainer = Trainer(cfg, dataset(cfg, variant), init_state_dict=ref["state"])
+    result = {"document_partition": trainer.stage.document_partition}
+    if not cfg.parallel.use_distributed_optimizer:  # grads stay whole only without it
+        loss0, grads = step0_grads(trainer)
+        result["loss0_diff"] = abs(loss0 - ref["loss0"])
+        result["grad_max_abs_diff"] = max(
+            (g - ref["grads"][n]).abs().max().item() for n, g in grads.items())
+        result["grad_max_abs"] = max(ref["grads"][n].abs().max().item() for n in grads)
+        result["num_grads_compared"] = len(grads)
+        result["grads_finite"] = all(torch.isfinite(g).all().item() for g in grads.values())
+    losses = train_losses(trainer)
+    result["losses"] = losses
+    result["loss_max_abs_diff"] = max(abs(a - b) for a, b in zip(losses, ref["losses"]))
+    return result
 
 
 if __name__ == "__main__":

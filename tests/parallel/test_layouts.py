@@ -3,7 +3,8 @@ TP=2, TP=2+SP, PP=2 (1F1B, 4 micro-batches), DP=2, DP=2 + distributed optimizer;
 different RoPE base per KV group, so per TP rank) under TP=2 and PP=2; context parallelism
 CP=2 for plain RoPE, HARPE and dynamic NTK, with and without packed-document attention, and
 with one CP rank's tokens fully loss-masked; TP=2 x CP=2 on 4 processes; CP=2 and TP=2 x CP=2
-with every document cut across the CP ranks (``--cp-partition document``)."""
+with every document cut across the CP ranks (``--cp-partition document``), on our kernels and
+on Transformer Engine's THD attention with CP (its contract faked with torch on CPU)."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import os
 import pytest
 
 from distributed import run_python, run_torchrun
-from parallel.layout_worker import LAYOUTS
+from parallel.layout_worker import LAYOUTS, STEPS
 
 WORKER = os.path.join(os.path.dirname(__file__), "layout_worker.py")
 TOL = 1e-5
@@ -36,9 +37,11 @@ def layout_results(tmp_path_factory):
 def test_layout_matches_single_process(layout_results, layout):
     per_rank = layout_results[layout]
     assert len(per_rank) == LAYOUTS[layout][2]
-    cp_partition = LAYOUTS[layout][1].get("cp_partition", "auto")
+    te = layout.endswith("_te_thd")  # auto: per-document partition where TE attends
+    partitioned = LAYOUTS[layout][1].get("cp_partition") == "document" or te
     for rank, result in enumerate(per_rank):
-        assert result["document_partition"] == (cp_partition == "document"), result
+        assert result["document_partition"] == partitioned, result
+        assert result.get("te_thd_calls", 0) >= (STEPS if te else 0), result
         assert result["loss_max_abs_diff"] <= TOL, (rank, result)
         # the run must actually train, or equal losses would prove nothing
         assert result["losses"][-1] < result["losses"][0] - 0.05, result

@@ -170,6 +170,8 @@ def test_console_line_megatron_format():
     assert line.endswith(
         " tokens/s: 5321.1 | peak memory (GiB): 12.35 | MFU (%): 42.15 | ETA: 1:02:03 |"
         " validation lm loss: 3.900000E+00 | validation lm loss PPL: 4.940200E+01 |")
+    # a CPU's throughput keeps its digits (not "0.0" beside an MFU of 35%)
+    assert " (TFLOP/s/GPU): 0.0183 |" in console_line(1, 2, {"tflops_per_gpu": 0.018312})
     # Missing keys are left out; loss scale is always printed, as Megatron-LM does.
     assert console_line(3, 5, {"lm_loss": 2.0}).endswith(
         " iteration        3/       5 | lm loss: 2.000000E+00 | loss scale: 1.0 |")

@@ -271,14 +271,15 @@ def ordered_results(executor: ProcessPoolExecutor, fn: Callable, items: Iterable
 
 
 def _death_cause(executor: ProcessPoolExecutor) -> str:
+    # a broken pool SIGTERMs its surviving workers: a SIGTERM status names no culprit
     processes = getattr(executor, "_processes", None) or {}
     for process in list(processes.values()):
         code = process.exitcode
-        if code is not None and code < 0:
+        if code is not None and code < 0 and code != -signal.SIGTERM:
             name = signal.Signals(-code).name
             hint = ": often the out-of-memory killer" if name == "SIGKILL" else ""
             return f"pid {process.pid} was killed by {name}{hint}"
-        if code:
+        if code is not None and code > 0:
             return f"pid {process.pid} exited with status {code}"
     return "killed"
 
