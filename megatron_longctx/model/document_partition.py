@@ -10,8 +10,8 @@ which balances any packing and is the layout TE's own CP exchange expects.
 Each document must then span a multiple of ``2 cp`` slots: we lay the sample out again with
 every document padded to that multiple (``cu_seqlens_padded`` in TE's words), keeping the
 sample length ``s``. The padding pushes the sample's last tokens out: at most ``2 cp - 1`` per
-document (about 0.4% of a 128k sample of 30 documents at CP=8), never trained on, exactly as if
-their loss were masked. Padding slots get loss mask 0 and attend only among themselves (each
+document (0.043% of the tokens of packed 128k samples at CP=8 in
+``benchmarks/results/cp_balance.md``), never trained on, exactly as if their loss were masked. Padding slots get loss mask 0 and attend only among themselves (each
 run of padding is its own "document" for our kernels, outside ``cu_seqlens`` for TE's).
 """
 
