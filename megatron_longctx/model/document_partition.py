@@ -11,8 +11,9 @@ Each document must then span a multiple of ``2 cp`` slots: we lay the sample out
 every document padded to that multiple (``cu_seqlens_padded`` in TE's words), keeping the
 sample length ``s``. The padding pushes the sample's last tokens out: at most ``2 cp - 1`` per
 document (0.043% of the tokens of packed 128k samples at CP=8 in
-``benchmarks/results/cp_balance.md``), never trained on, exactly as if their loss were masked. Padding slots get loss mask 0 and attend only among themselves (each
-run of padding is its own "document" for our kernels, outside ``cu_seqlens`` for TE's).
+``benchmarks/results/cp_balance.md``), never trained on, exactly as if their loss were
+masked. Padding slots get loss mask 0 and attend only among themselves (each run of padding is
+its own "document" for our kernels, outside ``cu_seqlens`` for TE's).
 """
 
 from __future__ import annotations
