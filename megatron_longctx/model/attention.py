@@ -58,6 +58,21 @@ class AttentionContext(PackedSeqParams):
     doc_starts: list[list[int]] | None = None
     documents: list[DocumentLayout] | None = None
     kv_cache: KVCache | None = None
+    # TE's THD parameters of the documents: built by the first layer, reused by the others
+    thd: PackedSeqParams | None = None
+
+
+def thd_packed_seq_params(documents: list[DocumentLayout], device) -> PackedSeqParams:
+    """TE's THD parameters of a micro-batch's document layouts, with global ``cu_seqlens``
+    (real lengths) and ``cu_seqlens_padded`` (slot starts), as megatron-core's
+    ``get_thd_batch_on_this_cp_rank`` passes them."""
+    real, padded = thd_cu_seqlens(documents)
+    as_int32 = partial(torch.tensor, dtype=torch.int32, device=device)
+    longest = max(max(layout.padded) for layout in documents)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=as_int32(real),
+                           cu_seqlens_kv=as_int32(real), cu_seqlens_q_padded=as_int32(padded),
+                           cu_seqlens_kv_padded=as_int32(padded), max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
 
 
 class CoreAttention(MegatronModule):
@@ -122,9 +137,11 @@ class CoreAttention(MegatronModule):
                 return self.te_attention(query, key, value, None,
                                          attn_mask_type=AttnMaskType.causal)
             if documents is not None or cp_size == 1:  # packed documents: TE's THD format
-                documents = documents or [partition_documents(starts, s, 1)
-                                          for starts in doc_starts]
-                return self._te_packed(query, key, value, documents)
+                if packed_seq_params.thd is None:
+                    packed_seq_params.thd = thd_packed_seq_params(
+                        documents or [partition_documents(starts, s, 1) for starts in doc_starts],
+                        query.device)
+                return self._te_packed(query, key, value, packed_seq_params.thd)
         dropout = self.dropout if self.training else 0.0
         if self.unfused:
             attend = partial(unfused_attention, dropout=dropout,
@@ -180,19 +197,12 @@ class CoreAttention(MegatronModule):
             return [(0, s, 0)]
         return local_query_chunks(dist.get_rank(self._cp_group()), cp_size, s)
 
-    def _te_packed(self, query: Tensor, key: Tensor, value: Tensor,
-                   documents: list[DocumentLayout]) -> Tensor:
+    def _te_packed(self, query: Tensor, key: Tensor, value: Tensor, params: PackedSeqParams
+                   ) -> Tensor:
         """Packed documents on TE: the micro-batch as one THD sequence (sample after sample,
         each sample's documents at their slots; under CP this rank's slots of each, which is
-        TE's ``thd_get_partitioned_indices`` order) with global ``cu_seqlens``."""
+        TE's ``thd_get_partitioned_indices`` order)."""
         s, b, heads, dim = query.shape
-        real, padded = thd_cu_seqlens(documents)
-        as_int32 = partial(torch.tensor, dtype=torch.int32, device=query.device)
-        longest = max(max(layout.padded) for layout in documents)
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=as_int32(real),
-                                 cu_seqlens_kv=as_int32(real), cu_seqlens_q_padded=as_int32(padded),
-                                 cu_seqlens_kv_padded=as_int32(padded), max_seqlen_q=longest,
-                                 max_seqlen_kv=longest)
         q, k, v = (t.transpose(0, 1).reshape(b * s, *t.shape[2:]) for t in (query, key, value))
         # megatron-core turns causal into TE's padding_causal for THD
         out = self.te_attention(q, k, v, None, attn_mask_type=AttnMaskType.causal,

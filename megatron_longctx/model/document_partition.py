@@ -108,17 +108,19 @@ def partition_documents(doc_starts: list[int], seq_length: int, cp_size: int
     return DocumentLayout(tuple(starts), tuple(lengths), tuple(sources), seq_length, cp_size)
 
 
-def lay_out(values: Tensor, layouts: list[DocumentLayout], cp_rank: int, fill: float | int
-            ) -> Tensor:
-    """``values [b, s, ...]`` (whole samples) -> ``[b, s / cp, ...]``: rank ``cp_rank``'s
-    slots of each sample's document layout, padding slots set to ``fill``."""
-    out = []
-    for sample, layout in zip(values, layouts):
-        source = layout.source_index()[layout.rank_slots(cp_rank)]  # [s / cp]
-        local = sample[source.clamp(min=0)]
-        local[source < 0] = fill
-        out.append(local)
-    return torch.stack(out)
+def rank_sources(layouts: list[DocumentLayout], cp_rank: int) -> Tensor:
+    """``[b, s / cp]`` int64: the original position of each of rank ``cp_rank``'s slots in
+    each sample's layout, -1 for padding (one index for every field of a micro-batch)."""
+    return torch.stack([layout.source_index()[layout.rank_slots(cp_rank)]
+                        for layout in layouts])
+
+
+def lay_out(values: Tensor, sources: Tensor, fill: float | int) -> Tensor:
+    """``values [b, s, ...]`` (whole samples) -> ``[b, s / cp, ...]``: the tokens at
+    ``sources`` (:func:`rank_sources`), padding slots set to ``fill``."""
+    local = torch.stack([sample[index.clamp(min=0)] for sample, index in zip(values, sources)])
+    local[sources < 0] = fill
+    return local
 
 
 def thd_cu_seqlens(layouts: list[DocumentLayout]) -> tuple[list[int], list[int]]:

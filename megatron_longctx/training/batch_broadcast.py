@@ -26,7 +26,11 @@ from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_longctx.model.context_parallel import slice_for_cp_rank
-from megatron_longctx.model.document_partition import lay_out, partition_documents
+from megatron_longctx.model.document_partition import (
+    lay_out,
+    partition_documents,
+    rank_sources,
+)
 
 FIRST_STAGE_ONLY = frozenset({"tokens"})
 LAST_STAGE_ONLY = frozenset({"labels", "loss_mask", "source"})
@@ -61,6 +65,7 @@ def local_fields(batch: dict, first: bool, last: bool, cp_rank: int, cp_size: in
     if document_partition and cp_size > 1:
         s = batch["position_ids"].shape[1]
         layouts = [partition_documents(starts, s, cp_size) for starts in batch["doc_starts"]]
+        sources = rank_sources(layouts, cp_rank)  # [b, s / cp]
         out["documents"] = layouts
     for key, value in batch.items():
         if not stage_needs(key, first, last):
@@ -69,7 +74,7 @@ def local_fields(batch: dict, first: bool, last: bool, cp_rank: int, cp_size: in
             value = [layout.mask_starts() for layout in layouts]
         elif isinstance(value, Tensor) and value.dim() >= 2:
             value = (slice_for_cp_rank(value, cp_rank, cp_size) if layouts is None
-                     else lay_out(value, layouts, cp_rank, fill=0)).contiguous()
+                     else lay_out(value, sources, fill=0)).contiguous()
         out[key] = value
     return out
 

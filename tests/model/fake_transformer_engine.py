@@ -95,7 +95,7 @@ class FakeTEAttention(torch.nn.Module):
 def install(monkeypatch_setattr) -> list:
     """Make Transformer Engine "usable" with :class:`FakeTEAttention`, the local layers
     around it (TE's own layers cannot be built without it); returns the call record.
-    ``monkeypatch_setattr``: pytest's ``monkeypatch.setattr`` or a plain ``setattr``."""
+    ``monkeypatch_setattr``: pytest's ``MonkeyPatch.setattr`` (undone after the test)."""
     from megatron_longctx.model import gpu_kernels, layer_spec
 
     FakeTEAttention.calls = []

@@ -13,6 +13,7 @@ from megatron_longctx.model.document_partition import (
     global_to_local,
     lay_out,
     partition_documents,
+    rank_sources,
     thd_cu_seqlens,
 )
 from megatron_longctx.model.flex_attention import flex_document_attention
@@ -90,7 +91,8 @@ def test_gather_order_rebuilds_the_slots_and_back():
     s, cp = 32, 2
     layouts = [partition_documents([0, 5, 6, 17], s, cp), partition_documents([0, 9], s, cp)]
     values = torch.arange(2 * s).view(2, s) * 10  # [b, s] distinct values
-    parts = [lay_out(values, layouts, r, fill=-1).t() for r in range(cp)]  # [s/cp, b] each
+    parts = [lay_out(values, rank_sources(layouts, r), fill=-1).t()
+             for r in range(cp)]  # [s/cp, b] each
     gathered = torch.cat(parts).reshape(-1)  # rank-major, flattened over (row, sample)
     full = gathered[gathered_to_global(layouts, "cpu")].view(s, 2)  # [s, b] in slot order
     for j, layout in enumerate(layouts):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from model.fake_transformer_engine import FakeTEAttention
@@ -231,30 +231,14 @@ def layouts(ref_path: str, out_dir: str, world: int) -> None:
             continue
         ref = refs[variant]
         faked = name.endswith("_te_thd")
-        with transformer_engine_faked(faked):
+        with pytest.MonkeyPatch.context() as patch:
+            if faked:  # Transformer Engine "usable", its attention faked with torch
+                install_fake_te(patch.setattr)
             results[name] = run_layout(name, variant, ref)
         if faked:  # the THD calls our attention made to (fake) TE
             results[name]["te_thd_calls"] = sum(c[0] == "thd" for c in FakeTEAttention.calls)
     with open(os.path.join(out_dir, f"world{world}_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
-
-
-@contextmanager
-def transformer_engine_faked(on: bool):
-    """With ``on``, Transformer Engine "usable", its attention faked with torch."""
-    saved = []
-
-    def setattr_saving(obj, attr, value):
-        saved.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
-
-    if on:
-        install_fake_te(setattr_saving)
-    try:
-        yield
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
 
 
 def run_layout(name: str, variant: str, ref: dict) -> dict:
