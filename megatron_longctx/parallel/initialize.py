@@ -7,6 +7,7 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTE
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -124,6 +125,10 @@ def init_process_group(env: DistributedEnv | None = None, timeout_minutes: int =
         world_size=env.world_size,
         timeout=timedelta(minutes=timeout_minutes),
     )
+    # a process that exits with its groups alive can abort in interpreter finalization
+    # ("terminate called without an active exception": gloo's threads outlive Python); every
+    # tool and worker started here tears them down first (destroy is idempotent)
+    atexit.register(destroy)
     logger.info("rank %d/%d up (%s, %s)", env.rank, env.world_size, backend, env.launcher)
     return env
 
